@@ -1,0 +1,142 @@
+"""The one module that pushes live events (channel layer) and keeps partial answers.
+
+Events go to the channel-layer group of a conversation; websocket consumers forward them.
+While an answer streams, its deltas are also appended to a Redis list, so a client that
+(re)connects mid-answer reads the text so far with sequence numbers, then follows the live
+deltas, dropping any it has already seen. The DB holds the final text.
+
+Celery workers and management commands are synchronous: they publish through one event
+loop per process, running in a daemon thread, because channels_redis binds its connections
+to the loop that made them (a fresh loop per call leaves them dangling: "Event loop is
+closed").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+
+import redis
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_TTL_S = 3600
+_PUBLISH_TIMEOUT_S = 5.0
+
+_state_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_pid: int | None = None
+_redis: redis.Redis | None = None
+_redis_pid: int | None = None
+
+
+def group_name(conversation_id: int) -> str:
+    return f"conversation.{int(conversation_id)}"
+
+
+def _partial_key(question_id: int) -> str:
+    return f"rmassimo:partial:{int(question_id)}"
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    global _loop, _loop_pid
+    with _state_lock:
+        # A forked pool child inherits the object but not the thread that runs it.
+        if _loop is None or _loop_pid != os.getpid():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="realtime-loop", daemon=True).start()
+            _loop, _loop_pid = loop, os.getpid()
+        return _loop
+
+
+def redis_client() -> redis.Redis:
+    global _redis, _redis_pid
+    with _state_lock:
+        if _redis is None or _redis_pid != os.getpid():
+            _redis = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+            _redis_pid = os.getpid()
+        return _redis
+
+
+def publish(conversation_id: int, event: dict) -> None:
+    """Send one event to everyone following the conversation; never raises.
+
+    Live push is best effort: the DB and the partial list stay the truth for any client
+    that missed it.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "rm.event", "event": event}
+    future = asyncio.run_coroutine_threadsafe(
+        layer.group_send(group_name(conversation_id), message), _background_loop()
+    )
+    try:
+        future.result(timeout=_PUBLISH_TIMEOUT_S)
+    except Exception:  # noqa: BLE001
+        logger.warning(
+            "could not push %s event for conversation %s",
+            event.get("type"),
+            conversation_id,
+            exc_info=True,
+        )
+
+
+class AnswerStream:
+    """Coalesces the model's tokens into deltas: one push per interval or size, not per token."""
+
+    def __init__(self, *, question_id: int, conversation_id: int) -> None:
+        self.question_id = question_id
+        self.conversation_id = conversation_id
+        self.seq = 0
+        self._buffer: list[str] = []
+        self._buffered_chars = 0
+        self._last_flush = time.monotonic()
+        self._interval = settings.RMASSIMO_STREAM_FLUSH_MS / 1000.0
+        self._max_chars = settings.RMASSIMO_STREAM_FLUSH_CHARS
+        redis_client().delete(_partial_key(question_id))
+
+    def push(self, text: str) -> bool:
+        """Buffer text; returns True when it was flushed (a moment to check for cancel)."""
+        self._buffer.append(text)
+        self._buffered_chars += len(text)
+        now = time.monotonic()
+        if now - self._last_flush >= self._interval or self._buffered_chars >= self._max_chars:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._buffer:
+            return
+        text = "".join(self._buffer)
+        self._buffer.clear()
+        self._buffered_chars = 0
+        key = _partial_key(self.question_id)
+        pipe = redis_client().pipeline()
+        pipe.rpush(key, text)
+        pipe.expire(key, PARTIAL_TTL_S)
+        length, _ = pipe.execute()
+        self.seq = int(length) - 1
+        publish(
+            self.conversation_id,
+            {"type": "delta", "question": self.question_id, "seq": self.seq, "text": text},
+        )
+
+    def discard(self) -> None:
+        redis_client().delete(_partial_key(self.question_id))
+
+
+def partial_answer(question_id: int) -> list[str]:
+    """The deltas sent so far for an answer still streaming; index = sequence number."""
+    return list(redis_client().lrange(_partial_key(question_id), 0, -1))
+
+
+def clear_partial(question_id: int) -> None:
+    redis_client().delete(_partial_key(question_id))

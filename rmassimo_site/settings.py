@@ -1,0 +1,230 @@
+"""Settings, each read from the environment with an embedded default.
+
+The defaults run everything on one machine: SQLite, a local Redis, the Milvus Lite
+server started by the run command, and one Ollama on the default port.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(environ.Env().str("RMASSIMO_VAR_DIR", default=str(BASE_DIR / "var")))
+
+env = environ.Env()
+
+DEBUG = env.bool("DJANGO_DEBUG", default=True)
+_INSECURE_KEY = "django-insecure-local-only-change-me"
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default=_INSECURE_KEY)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+if not DEBUG:
+    # A production process must not start on a key that is published in this file.
+    if SECRET_KEY == _INSECURE_KEY or len(SECRET_KEY) < 32:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY must be set to a random value of 50 characters or more "
+            "when DJANGO_DEBUG is off."
+        )
+    if not env.list("DJANGO_ALLOWED_HOSTS", default=[]):
+        raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS must be set when DJANGO_DEBUG is off.")
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=60 * 60 * 24 * 30)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "core",
+    "ingestion",
+    "chat",
+    "workers",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "rmassimo_site.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+WSGI_APPLICATION = "rmassimo_site.wsgi.application"
+ASGI_APPLICATION = "rmassimo_site.asgi.application"
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
+DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # The workers are other processes: the test database must be a file they can open.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test_db.sqlite3")}
+    # Several processes write (web, workers): WAL lets readers go on during a write, and
+    # IMMEDIATE takes the write lock up front instead of failing to upgrade a read lock.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", "English"), ("it", "Italiano")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+MEDIA_ROOT = VAR_DIR / "media"
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_THROTTLE_RATES": {"ask": env.str("RMASSIMO_ASK_RATE", default="60/min")},
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "R.Massimo API",
+    "DESCRIPTION": "Questions answered from a curated corpus by models on your own GPUs.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Served from this site: the servers this runs on often have no internet.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1500, "expiry": 60},
+    }
+}
+
+# Celery: the DB row is the record of every job; the broker only carries ids.
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "cpu"
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+RMASSIMO_ANSWER_TIME_LIMIT = env.int("RMASSIMO_ANSWER_TIME_LIMIT", default=300)
+CELERY_TASK_SOFT_TIME_LIMIT = RMASSIMO_ANSWER_TIME_LIMIT
+CELERY_TASK_TIME_LIMIT = RMASSIMO_ANSWER_TIME_LIMIT + 30
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    # Take a worker's queues in the order it lists them (interactive before batch).
+    "queue_order_strategy": "priority",
+    # Longer than the longest answer, so a slow job is not handed to a second worker.
+    "visibility_timeout": max(3600, 2 * CELERY_TASK_TIME_LIMIT),
+}
+
+# Outside systems
+MILVUS_URI = env.str("MILVUS_URI", default="http://127.0.0.1:19530")
+MILVUS_TOKEN = env.str("MILVUS_TOKEN", default="")
+MILVUS_DATA_DIR = env.str("RMASSIMO_MILVUS_DATA_DIR", default=str(VAR_DIR / "milvus"))
+OLLAMA_URLS = env.list("OLLAMA_URLS", default=["http://127.0.0.1:11434"])
+RMASSIMO_GPUS = env.str("RMASSIMO_GPUS", default="")
+RMASSIMO_CHAT_MODEL = env.str("RMASSIMO_CHAT_MODEL", default="llama3.1:8b")
+# Empty means no embedding model: retrieval falls back to BM25 alone.
+RMASSIMO_EMBED_MODEL = env.str("RMASSIMO_EMBED_MODEL", default="bge-m3")
+RMASSIMO_OLLAMA_TIMEOUT = env.float("RMASSIMO_OLLAMA_TIMEOUT", default=120.0)
+RMASSIMO_CONTEXT_WINDOW = env.int("RMASSIMO_CONTEXT_WINDOW", default=8192)
+RMASSIMO_TEMPERATURE = env.float("RMASSIMO_TEMPERATURE", default=0.2)
+
+# Retrieval and answers
+RMASSIMO_TOP_K = env.int("RMASSIMO_TOP_K", default=4)
+RMASSIMO_HISTORY_TURNS = env.int("RMASSIMO_HISTORY_TURNS", default=4)
+RMASSIMO_QUESTION_MAX_CHARS = env.int("RMASSIMO_QUESTION_MAX_CHARS", default=2000)
+RMASSIMO_STREAM_FLUSH_MS = env.int("RMASSIMO_STREAM_FLUSH_MS", default=50)
+RMASSIMO_STREAM_FLUSH_CHARS = env.int("RMASSIMO_STREAM_FLUSH_CHARS", default=200)
+
+# Ingestion
+RMASSIMO_CHUNK_SIZE = env.int("RMASSIMO_CHUNK_SIZE", default=512)
+RMASSIMO_CHUNK_OVERLAP = env.int("RMASSIMO_CHUNK_OVERLAP", default=64)
+RMASSIMO_EMBED_BATCH = env.int("RMASSIMO_EMBED_BATCH", default=32)
+RMASSIMO_UPLOAD_MAX_BYTES = env.int("RMASSIMO_UPLOAD_MAX_BYTES", default=50 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("RMASSIMO_LOG_LEVEL", default="INFO")},
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "pymilvus": {"level": "WARNING"},
+    },
+}
+RMASSIMO_OLLAMA_KEEP_ALIVE = env.str("RMASSIMO_OLLAMA_KEEP_ALIVE", default="30m")
+# With one URL in OLLAMA_URLS and several GPUs, e.g. "http://127.0.0.1:{port}" gives
+# card i the port 11434 + i.
+RMASSIMO_OLLAMA_URL_TEMPLATE = env.str("RMASSIMO_OLLAMA_URL_TEMPLATE", default="")
+RMASSIMO_GPU_SLOTS = env.int("RMASSIMO_GPU_SLOTS", default=1)
+RMASSIMO_CPU_CONCURRENCY = env.int("RMASSIMO_CPU_CONCURRENCY", default=2)

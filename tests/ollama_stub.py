@@ -1,0 +1,526 @@
+"""A deterministic stand-in for an Ollama server, speaking its REST API.
+
+No model weights can be fetched where the tests and benchmarks run, so this server answers
+``/api/chat`` and ``/api/generate`` (streaming NDJSON or not), ``/api/embed``,
+``/api/embeddings``, ``/api/tags``, ``/api/show``, ``/api/ps`` and ``/api/version`` with
+Ollama's JSON shapes, status codes and error bodies, for the real ``ollama`` client.
+
+* Replies echo the prompt: ``"Echo: w1 w2 ..."``, the words of the last user message
+  (``prompt`` on /api/generate) cycled, one word per streamed token.  ``reply_tokens`` sets
+  the length, a ``[[tokens=N]]`` directive anywhere in the request overrides it and
+  ``options.num_predict`` caps it (done_reason "length").  think/format/tools are ignored.
+* Embeddings are a hashed bag of words, stable across processes: shared words, close vectors.
+* ``latency`` (load + prompt eval), ``tps`` (pacing), ``parallel`` (OLLAMA_NUM_PARALLEL;
+  embeddings share the slots), failures (``fail_status``, ``fail_message``, ``fail_count``)
+  and hung streams (``stall_after``, ``stall_seconds``).  Stubs with different ``name``
+  labels stand for different GPUs.
+
+Behaviour changes at run time through ``configure()`` or, for a stub in another process,
+``GET/POST /_stub/config`` and ``GET/DELETE /_stub/calls``.  CLI: ``--help``.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import select
+import signal
+import socket
+import threading
+import time
+import unicodedata
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+DEFAULTS = {
+    "name": "stub",
+    "chat_models": ("llama3.1:8b",),
+    "embed_models": ("bge-m3",),
+    "embed_dim": 256,
+    "reply_tokens": 48,
+    "latency": 0.0,
+    "embed_latency": 0.0,
+    "tps": 0.0,
+    "parallel": None,
+    "fail_status": 500,
+    "fail_message": "stub failure",
+    "fail_count": 0,
+    "stall_after": None,
+    "stall_seconds": 30.0,
+}
+TOKENS_DIRECTIVE = re.compile(r"\[\[tokens=(\d+)\]\]")
+WORD = re.compile(r"[^\W_]+")  # letters and digits in any script, so "città" is one word
+FAILING_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
+MODIFIED_AT = "2025-01-01T00:00:00Z"
+# family, size in bytes, parameter size, quantisation, context length, hidden size
+CARDS = {
+    False: ("llama", 4_920_753_328, "8.0B", "Q4_K_M", 131072, 4096),
+    True: ("bert", 1_157_672_605, "566.70M", "F16", 8192, None),  # hidden size is embed_dim
+}
+
+
+def canonical(model):
+    """Ollama treats "bge-m3" and "bge-m3:latest" as the same model."""
+    return model if ":" in model else model + ":latest"
+
+
+def now_rfc3339():
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def embed_text(text, dim):
+    vec = [0.0] * dim
+    for word in WORD.findall(unicodedata.normalize("NFC", text).lower()):
+        # blake2b, not hash(): vectors must match across processes and runs
+        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+        vec[int.from_bytes(digest[:4], "little") % dim] += 1.0 if digest[4] & 1 else -1.0
+    return normalise(vec)
+
+
+def normalise(vec):
+    norm = math.sqrt(sum(v * v for v in vec))
+    if norm == 0.0:
+        return [1.0 / math.sqrt(len(vec))] * len(vec)
+    return [v / norm for v in vec]
+
+
+def describe(embedding, dim):
+    """Return (details, size, context length, embedding length) as /api/show reports them."""
+    family, size, params, quant, context, hidden = CARDS[embedding]
+    details = {"parent_model": "", "format": "gguf", "family": family, "families": [family]}
+    details.update(parameter_size=params, quantization_level=quant)
+    return details, size, context, hidden or dim
+
+
+def nanos(seconds):
+    return max(1, int(seconds * 1_000_000_000))
+
+
+class StubError(Exception):
+    """An error answer: StubError(status, message)."""
+
+
+class OllamaStub:
+    """``with OllamaStub(tps=20) as stub: ollama.Client(host=stub.url)``; see DEFAULTS."""
+
+    def __init__(self, *, host="127.0.0.1", port=0, name="stub", **behaviour):
+        self.host, self.port = host, port
+        self._lock = threading.Lock()
+        self._slots = threading.Condition(self._lock)
+        self._active = 0
+        self._config = dict(DEFAULTS)
+        self._calls = []
+        self._conns = set()
+        self._stopped = threading.Event()
+        self._server = None
+        self.url = None
+        self.configure(name=name, **behaviour)
+
+    def start(self):
+        self._stopped.clear()
+        server = _Server((self.host, self.port), _Handler)
+        server.stub = self
+        self._server = server
+        host, port = server.server_address[:2]
+        self.url = f"http://{host}:{port}"
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self):
+        self._stopped.set()
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        with self._lock:
+            conns = list(self._conns)
+            self._slots.notify_all()
+        # Open keep-alive and stalled connections would otherwise outlive the stub.
+        for conn in conns:
+            with suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def configure(self, **behaviour):
+        unknown = set(behaviour) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown stub setting(s): {', '.join(sorted(unknown))}")
+        for key in ("chat_models", "embed_models"):
+            if key in behaviour:
+                value = behaviour[key]
+                behaviour[key] = (value,) if isinstance(value, str) else tuple(value)
+        with self._lock:
+            self._config.update(behaviour)
+            self._slots.notify_all()  # a raised ``parallel`` frees queued requests
+
+    @property
+    def config(self):
+        with self._lock:
+            return dict(self._config)
+
+    @property
+    def calls(self):
+        with self._lock:
+            return list(self._calls)
+
+    def reset_calls(self):
+        with self._lock:
+            self._calls.clear()
+
+    def _record(self, path, body):
+        model = body.get("model") if isinstance(body, dict) else None
+        entry = {"path": path, "model": model, "body": body, "time": time.time()}
+        with self._lock:
+            self._calls.append({**entry, "stub": self._config["name"]})
+
+    def _take_failure(self):
+        with self._lock:
+            cfg = self._config
+            if cfg["fail_count"] == 0:
+                return None
+            if cfg["fail_count"] > 0:
+                cfg["fail_count"] -= 1
+            return StubError(cfg["fail_status"], cfg["fail_message"])
+
+    @contextmanager
+    def _slot(self):
+        with self._slots:
+            while True:
+                limit = self._config["parallel"]
+                if not limit or self._active < limit or self._stopped.is_set():
+                    break
+                self._slots.wait(0.1)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._slots:
+                self._active -= 1
+                self._slots.notify_all()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the ollama client expects
+    disable_nagle_algorithm = True  # each streamed token leaves at once
+    server_version = "ollama-stub"
+
+    def setup(self):
+        super().setup()
+        self.stub = self.server.stub
+        with self.stub._lock:
+            self.stub._conns.add(self.connection)
+
+    def finish(self):
+        with self.stub._lock:
+            self.stub._conns.discard(self.connection)
+        with suppress(OSError):
+            super().finish()
+
+    def log_message(self, format, *args):
+        pass
+
+    def _send(self, status, payload, content_type="application/json; charset=utf-8"):
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _parse_body(self, raw):
+        if not raw.strip():
+            raise StubError(400, "missing request body")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise StubError(400, f"invalid JSON in request body: {exc}") from None
+        if not isinstance(body, dict):
+            raise StubError(400, "json: cannot unmarshal request body into a JSON object")
+        return body
+
+    def _write_chunk(self, record):
+        data = json.dumps(record).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _client_gone(self):
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+
+    def _route(self):
+        method, path = self.command, self.path.split("?", 1)[0]
+        routes = {
+            ("GET", "/"): lambda: b"Ollama is running",
+            ("HEAD", "/"): lambda: b"Ollama is running",
+            ("GET", "/api/version"): lambda: {"version": "0.12.0"},
+            ("GET", "/api/tags"): self._tags,
+            ("GET", "/api/ps"): lambda: {"models": []},
+            ("POST", "/api/show"): self._show,
+            ("POST", "/api/chat"): self._chat,
+            ("POST", "/api/generate"): self._generate,
+            ("POST", "/api/embed"): self._embed,
+            ("POST", "/api/embeddings"): self._embeddings,
+            ("GET", "/_stub/config"): lambda: self.stub.config,
+            ("POST", "/_stub/config"): self._configure,
+            ("GET", "/_stub/calls"): lambda: self.stub.calls,
+            ("DELETE", "/_stub/calls"): lambda: self.stub.reset_calls() or {"status": "ok"},
+        }
+        handler = routes.get((method, path))
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""  # drained even when unused: keep-alive
+        self.body = None
+        try:
+            if handler is None:
+                return self._send(404, b"404 page not found", "text/plain")
+            if method == "POST":
+                try:
+                    self.body = self._parse_body(raw)
+                finally:
+                    if path.startswith("/api/"):
+                        self.stub._record(path, self.body)
+            elif path.startswith("/api/"):
+                self.stub._record(path, None)
+            if path in FAILING_PATHS and (failure := self.stub._take_failure()):
+                raise failure
+            result = handler()
+            if isinstance(result, bytes):
+                self._send(200, result, "text/plain; charset=utf-8")
+            elif result is not None:
+                self._send(200, result)
+        except StubError as exc:
+            self._send(exc.args[0], {"error": exc.args[1]})
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    do_GET = do_HEAD = do_POST = do_DELETE = _route
+
+    def _find(self, model, cfg):
+        """Return True for an embedding model, False for a chat model, None if unknown."""
+        kinds = {canonical(m): False for m in cfg["chat_models"]}
+        kinds.update({canonical(m): True for m in cfg["embed_models"]})
+        return kinds.get(canonical(model))
+
+    def _tags(self):
+        cfg = self.stub.config
+        models = [(m, False) for m in cfg["chat_models"]] + [(m, True) for m in cfg["embed_models"]]
+        listed = []
+        for model, embedding in models:
+            name = canonical(model)
+            details, size, _, _ = describe(embedding, cfg["embed_dim"])
+            digest = hashlib.sha256(name.encode()).hexdigest()
+            entry = {"name": name, "model": name, "modified_at": MODIFIED_AT, "size": size}
+            listed.append({**entry, "digest": digest, "details": details})
+        return {"models": listed}
+
+    def _show(self):
+        cfg = self.stub.config
+        model = self.body.get("model") or self.body.get("name") or ""
+        if not model:
+            raise StubError(400, "model is required")
+        embedding = self._find(model, cfg)
+        if embedding is None:
+            raise StubError(404, f"model '{model}' not found")
+        details, _, context, hidden = describe(embedding, cfg["embed_dim"])
+        arch = details["family"]
+        return {
+            "modelfile": f'# Modelfile generated by "ollama show"\nFROM {canonical(model)}\n',
+            "parameters": "" if embedding else 'stop                           "<|eot_id|>"',
+            "template": "" if embedding else "{{ .Prompt }}",
+            "details": details,
+            "model_info": {
+                "general.architecture": arch,
+                f"{arch}.context_length": context,
+                f"{arch}.embedding_length": hidden,
+            },
+            "capabilities": ["embedding"] if embedding else ["completion"],
+            "modified_at": MODIFIED_AT,
+        }
+
+    def _require(self, want_embedding, verb):
+        cfg = self.stub.config
+        model = self.body.get("model") or ""
+        if not model:
+            raise StubError(400, "model is required")
+        embedding = self._find(model, cfg)
+        if embedding is None:
+            raise StubError(404, f'model "{model}" not found, try pulling it first')
+        if embedding != want_embedding:
+            raise StubError(400, f'"{model}" does not support {verb}')
+        return model, cfg
+
+    def _chat(self):
+        model, cfg = self._require(False, "chat")
+        messages = [m for m in self.body.get("messages") or [] if isinstance(m, dict)]
+        texts = [str(m.get("content") or "") for m in messages]
+        last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        source = str(last.get("content") or "")
+        return self._complete(model, cfg, texts, source, bool(messages), True)
+
+    def _generate(self):
+        model, cfg = self._require(False, "generate")
+        prompt = str(self.body.get("prompt") or "")
+        texts = [str(self.body.get("system") or ""), prompt]
+        return self._complete(model, cfg, texts, prompt, bool(prompt), False)
+
+    def _complete(self, model, cfg, texts, source, has_input, chat):
+        def record(content, done, **extra):
+            out = {"model": model, "created_at": now_rfc3339()}
+            if chat:
+                out["message"] = {"role": "assistant", "content": content}
+            else:
+                out["response"] = content
+            return {**out, "done": done, **extra}
+
+        if not has_input:  # Ollama's way to load (or, with keep_alive 0, unload) a model
+            unload = self.body.get("keep_alive") in (0, "0", "0s", "0m")
+            return record("", True, done_reason="unload" if unload else "load")
+
+        started = time.monotonic()
+        count = cfg["reply_tokens"]
+        for text in texts:
+            for found in TOKENS_DIRECTIVE.findall(text):
+                count = int(found)
+        reason = "stop"
+        num_predict = (self.body.get("options") or {}).get("num_predict")
+        if isinstance(num_predict, int) and 0 < num_predict < count:
+            count, reason = num_predict, "length"
+        words = TOKENS_DIRECTIVE.sub(" ", source).split() or ["..."]
+        tokens = [" " + words[i % len(words)] for i in range(count)]
+        if tokens:
+            tokens[0] = "Echo:" + tokens[0]
+        stream = self.body.get("stream", True) is not False
+        stall_after = cfg["stall_after"] if stream else None
+        stopped = self.stub._stopped
+
+        with self.stub._slot():
+            loaded = time.monotonic()
+            stopped.wait(cfg["latency"])
+            evaluated = time.monotonic()
+            if stream:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+            for i, token in enumerate(tokens):
+                if stall_after is not None and i >= stall_after:
+                    return self._stall(cfg["stall_seconds"])
+                if cfg["tps"] and stopped.wait(1.0 / cfg["tps"]):
+                    break
+                if stream:
+                    self._write_chunk(record(token, False))
+            if stream and stall_after is not None and stall_after >= len(tokens):
+                return self._stall(cfg["stall_seconds"])
+            if stopped.is_set():
+                self.close_connection = True
+                return None  # the stub went away mid-answer: no final record
+            finished = time.monotonic()
+
+        counters = {
+            "done_reason": reason,
+            "total_duration": nanos(finished - started),
+            "load_duration": nanos(loaded - started),
+            "prompt_eval_count": sum(len(t.split()) for t in texts),
+            "prompt_eval_duration": nanos(evaluated - loaded),
+            "eval_count": len(tokens),
+            "eval_duration": nanos(finished - evaluated),
+        }
+        if not stream:
+            return record("".join(tokens), True, **counters)
+        self._write_chunk(record("", True, **counters))
+        self.wfile.write(b"0\r\n\r\n")
+        return None
+
+    def _stall(self, seconds):
+        deadline = time.monotonic() + seconds
+        # Hold the slot like a hung runner would, but let go once the client hangs up.
+        while time.monotonic() < deadline and not self.stub._stopped.wait(0.05):
+            if self._client_gone():
+                break
+        self.close_connection = True
+        return None
+
+    def _embed(self):
+        model, cfg = self._require(True, "embeddings")
+        raw = self.body.get("input")
+        texts = ([raw] if raw else []) if isinstance(raw, str) else [] if raw is None else raw
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise StubError(400, "invalid input type")
+        started = time.monotonic()
+        with self.stub._slot():
+            loaded = time.monotonic()
+            self.stub._stopped.wait(cfg["embed_latency"])
+            dims = self.body.get("dimensions") or 0
+            vectors = []
+            for text in texts:
+                vec = embed_text(text, cfg["embed_dim"])
+                vectors.append(normalise(vec[:dims]) if 0 < dims < len(vec) else vec)
+        if not texts:
+            return {"model": model, "embeddings": []}
+        return {
+            "model": model,
+            "embeddings": vectors,
+            "total_duration": nanos(time.monotonic() - started),
+            "load_duration": nanos(loaded - started),
+            "prompt_eval_count": sum(len(WORD.findall(t)) for t in texts),
+        }
+
+    def _embeddings(self):
+        _, cfg = self._require(True, "embeddings")
+        prompt = str(self.body.get("prompt") or "")
+        if not prompt:
+            return {"embedding": []}
+        with self.stub._slot():
+            self.stub._stopped.wait(cfg["embed_latency"])
+            return {"embedding": embed_text(prompt, cfg["embed_dim"])}
+
+    def _configure(self):
+        try:
+            self.stub.configure(**self.body)
+        except TypeError as exc:
+            raise StubError(400, str(exc)) from None
+        return self.stub.config
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run a deterministic Ollama stand-in.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--name", default="stub")
+    for flag, kind in (("latency", float), ("tps", float), ("parallel", int)):
+        parser.add_argument(f"--{flag}", type=kind, help=f"default {DEFAULTS[flag]}")
+    parser.add_argument("--reply-tokens", type=int, help=f"default {DEFAULTS['reply_tokens']}")
+    parser.add_argument("--embed-dim", type=int, help=f"default {DEFAULTS['embed_dim']}")
+    for kind in ("chat", "embed"):
+        default = ", ".join(DEFAULTS[f"{kind}_models"])
+        parser.add_argument(
+            f"--{kind}-model", dest=f"{kind}_models", action="append", help=f"repeatable; {default}"
+        )
+    args = vars(parser.parse_args(argv))
+    if args["parallel"] == 0:
+        args["parallel"] = None  # 0 means unlimited, like OLLAMA_NUM_PARALLEL unset
+    stub = OllamaStub(**{key: value for key, value in args.items() if value is not None}).start()
+
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"ollama stub {stub.config['name']} listening on {stub.url}", flush=True)
+    while not done.wait(0.5):
+        pass
+    stub.stop()
+
+
+if __name__ == "__main__":
+    main()

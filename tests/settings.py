@@ -1,0 +1,28 @@
+"""Settings for the test suite: the project's settings with test-only defaults.
+
+Workers started by the tests get the same values through their environment.
+"""
+
+import os
+import socket
+import tempfile
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Redis database 15, away from a developer's running instance on database 0.
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+os.environ.setdefault("RMASSIMO_VAR_DIR", tempfile.mkdtemp(prefix="rmassimo-test-"))
+os.environ.setdefault("MILVUS_URI", f"http://127.0.0.1:{_free_port()}")
+os.environ.setdefault("RMASSIMO_STREAM_FLUSH_MS", "20")
+os.environ.setdefault("RMASSIMO_OLLAMA_TIMEOUT", "10")
+os.environ.setdefault("RMASSIMO_LOG_LEVEL", "WARNING")
+os.environ.setdefault("RMASSIMO_ASK_RATE", "1000/min")
+
+from rmassimo_site.settings import *  # noqa: E402, F403
+
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405

@@ -1,0 +1,151 @@
+"""Builds the command line and environment of each Celery worker, and supervises them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from workers.gpus import Gpu
+
+logger = logging.getLogger(__name__)
+
+_RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+_STABLE_AFTER_S = 60
+
+
+@dataclass
+class WorkerSpec:
+    name: str  # celery node name, e.g. gpu0@host
+    queues: list[str]
+    concurrency: int
+    env: dict[str, str] = field(default_factory=dict)
+    loglevel: str = "info"
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery",
+            "worker",
+            "-n",
+            self.name,
+            "-Q",
+            ",".join(self.queues),
+            "-c",
+            str(self.concurrency),
+            "--prefetch-multiplier",
+            "1",
+            "-l",
+            self.loglevel,
+            "-E",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+
+
+def gpu_worker(gpu: Gpu, ollama_url: str, *, slots: int, loglevel: str = "info") -> WorkerSpec:
+    host = socket.gethostname()
+    name = f"{gpu.label}@{host}"
+    return WorkerSpec(
+        name=name,
+        queues=["interactive", "batch", f"gpu.{gpu.index}"],
+        concurrency=slots,
+        loglevel=loglevel,
+        env={
+            "CUDA_VISIBLE_DEVICES": gpu.cuda_visible_devices,
+            "RMASSIMO_WORKER_GPU": gpu.label,
+            "RMASSIMO_WORKER_NAME": name,
+            "RMASSIMO_OLLAMA_URL": ollama_url,
+        },
+    )
+
+
+def cpu_worker(*, concurrency: int, loglevel: str = "info") -> WorkerSpec:
+    name = f"cpu@{socket.gethostname()}"
+    return WorkerSpec(
+        name=name,
+        queues=["cpu"],
+        concurrency=concurrency,
+        loglevel=loglevel,
+        # The CPU worker never runs a model: keep any CUDA library away from the cards.
+        env={
+            "CUDA_VISIBLE_DEVICES": "",
+            "RMASSIMO_WORKER_GPU": "cpu",
+            "RMASSIMO_WORKER_NAME": name,
+        },
+    )
+
+
+class Supervisor:
+    """Runs the workers, restarts one that dies, and shuts all down warmly on SIGTERM/SIGINT."""
+
+    def __init__(self, specs: list[WorkerSpec], *, out=sys.stdout) -> None:
+        self.specs = specs
+        self.out = out
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.started_at: dict[str, float] = {}
+        self.restarts: dict[str, int] = {}
+        self.stopping = False
+
+    def _say(self, message: str) -> None:
+        self.out.write(f"[run_workers] {message}\n")
+        self.out.flush()
+
+    def _start(self, spec: WorkerSpec) -> None:
+        env = {**os.environ, **spec.env}
+        self.procs[spec.name] = subprocess.Popen(spec.argv(), env=env)
+        self.started_at[spec.name] = time.monotonic()
+        self._say(
+            f"started {spec.name} (pid {self.procs[spec.name].pid}) on queues "
+            f"{','.join(spec.queues)}"
+        )
+
+    def _stop(self, signum, frame) -> None:  # noqa: ARG002
+        if self.stopping:
+            # A second Ctrl-C: cold shutdown.
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGQUIT)
+            return
+        self.stopping = True
+        self._say("warm shutdown: letting running jobs finish")
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        for spec in self.specs:
+            self._start(spec)
+        due: dict[str, float] = {}
+        while True:
+            if self.stopping:
+                for proc in self.procs.values():
+                    proc.wait()
+                self._say("all workers stopped")
+                return 0
+            for spec in self.specs:
+                proc = self.procs[spec.name]
+                if proc.poll() is None:
+                    continue
+                if spec.name not in due:
+                    if time.monotonic() - self.started_at[spec.name] > _STABLE_AFTER_S:
+                        self.restarts[spec.name] = 0
+                    attempt = self.restarts.get(spec.name, 0)
+                    delay = _RESTART_BACKOFF_S[min(attempt, len(_RESTART_BACKOFF_S) - 1)]
+                    self.restarts[spec.name] = attempt + 1
+                    due[spec.name] = time.monotonic() + delay
+                    self._say(f"{spec.name} exited with {proc.returncode}; restarting in {delay}s")
+                elif time.monotonic() >= due[spec.name]:
+                    del due[spec.name]
+                    self._start(spec)
+            time.sleep(0.2)

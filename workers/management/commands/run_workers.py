@@ -1,0 +1,84 @@
+"""manage.py run_workers: one Celery worker per GPU, plus the CPU worker, supervised."""
+
+import os
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from workers import gpus, launcher
+
+
+class Command(BaseCommand):
+    help = (
+        "Start one Celery worker per GPU (each bound to its card's Ollama) and the CPU "
+        "worker; restart any that dies; SIGTERM or Ctrl-C shuts them down warmly."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--gpu",
+            type=int,
+            default=None,
+            help="Run only the worker of host card N (one container per card).",
+        )
+        parser.add_argument("--cpu-only", action="store_true", help="Run only the CPU worker.")
+        parser.add_argument("--no-cpu", action="store_true", help="Do not run the CPU worker.")
+        parser.add_argument(
+            "--slots",
+            type=int,
+            default=settings.RMASSIMO_GPU_SLOTS,
+            help="Jobs at once per GPU (default RMASSIMO_GPU_SLOTS or 1).",
+        )
+        parser.add_argument("--loglevel", default="info")
+
+    def handle(self, *args, **options):
+        loglevel = options["loglevel"]
+        specs = []
+        if not options["cpu_only"]:
+            specs.extend(self._gpu_specs(options["gpu"], options["slots"], loglevel))
+        if options["cpu_only"] or not (options["no_cpu"] or options["gpu"] is not None):
+            specs.append(
+                launcher.cpu_worker(
+                    concurrency=settings.RMASSIMO_CPU_CONCURRENCY, loglevel=loglevel
+                )
+            )
+        code = launcher.Supervisor(specs, out=self.stdout).run()
+        if code:
+            raise CommandError("workers stopped with errors", returncode=code)
+
+    def _gpu_specs(self, only: int | None, slots: int, loglevel: str):
+        try:
+            if only is not None:
+                found = [gpus.pinned_gpu(only)]
+            else:
+                found = gpus.discover_gpus(settings.RMASSIMO_GPUS)
+            simulated_cpu = not found
+            if simulated_cpu:
+                found = [gpus.simulated_gpu(0)]
+            urls = gpus.ollama_urls_for(
+                found,
+                settings.OLLAMA_URLS if only is None else settings.OLLAMA_URLS[:1],
+                settings.RMASSIMO_OLLAMA_URL_TEMPLATE or None,
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        if simulated_cpu:
+            self.stdout.write(
+                self.style.WARNING(
+                    "No GPU found (NVML reports none and RMASSIMO_GPUS is not set): running one "
+                    f"worker, gpu0, against {urls[0]}."
+                )
+            )
+        else:
+            self.stdout.write("GPUs:\n" + gpus.describe(found))
+        if len(found) > 1 and len(set(urls.values())) == 1:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"All {len(found)} GPU workers share one Ollama ({urls[found[0].index]}); set "
+                    "OLLAMA_URLS to one URL per GPU so each card has its own server."
+                )
+            )
+        os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        return [
+            launcher.gpu_worker(g, urls[g.index], slots=slots, loglevel=loglevel) for g in found
+        ]
