@@ -45,6 +45,10 @@ class Corpus(models.Model):
     @property
     def effective_embed_model(self) -> str:
         """The embedding model name, or "" when retrieval is BM25 alone."""
+        from core import llm
+
+        if llm.backend().embedded:
+            return ""  # embeddings come from Ollama, which the embedded backend runs without
         model = self.embed_model or settings.RMASSIMO_EMBED_MODEL
         return "" if model.lower() == "none" else model
 
@@ -81,6 +85,11 @@ class Document(models.Model):
     def __str__(self) -> str:
         return self.title
 
+    @property
+    def is_url(self) -> bool:
+        """Added by URL: every job fetches the source again."""
+        return "://" in self.source
+
 
 class IngestionJob(models.Model):
     class Status(models.TextChoices):
@@ -94,22 +103,52 @@ class IngestionJob(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     chunks_total = models.PositiveIntegerField(default=0)
     chunks_done = models.PositiveIntegerField(default=0)
-    attempts = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="Starts of the preparing step since the job was last queued."
+    )
+    # Every start of the preparing step gets a new run number; embedding batches carry it, so
+    # a batch left over from an earlier run does nothing.
+    run = models.PositiveIntegerField(default=0, editable=False)
+    # The broker's id of the preparing message that holds the job: the same id arriving
+    # again is a redelivery after its worker died, not a second copy racing the first.
+    task_id = models.CharField(max_length=64, blank=True, editable=False)
     worker = models.CharField(max_length=200, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last sign of life from a worker on this job."
+    )
     finished_at = models.DateTimeField(null=True, blank=True)
+    prepare_seconds = models.FloatField(
+        default=0, help_text="Fetching, parsing and chunking (CPU worker)."
+    )
+    embed_seconds = models.FloatField(
+        default=0, help_text="Time inside embedding calls, all batches together."
+    )
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "created_at"])]
 
     def __str__(self) -> str:
         return f"job {self.pk} for {self.document}"
 
+    FINAL = (Status.DONE, Status.SKIPPED, Status.FAILED)
+
     @property
     def is_final(self) -> bool:
-        return self.status in (self.Status.DONE, self.Status.SKIPPED, self.Status.FAILED)
+        return self.status in self.FINAL
+
+    @property
+    def progress(self) -> str:
+        return f"{self.chunks_done} / {self.chunks_total}"
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return round((self.finished_at - self.started_at).total_seconds(), 2)
+        return None
 
 
 class Chunk(models.Model):
