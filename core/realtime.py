@@ -14,6 +14,7 @@ closed").
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import threading
@@ -31,6 +32,7 @@ _PUBLISH_TIMEOUT_S = 5.0
 _state_lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_pid: int | None = None
+_outbox: asyncio.Queue | None = None
 _redis: redis.Redis | None = None
 _redis_pid: int | None = None
 
@@ -43,15 +45,18 @@ def _partial_key(question_id: int) -> str:
     return f"rmassimo:partial:{int(question_id)}"
 
 
-def _background_loop() -> asyncio.AbstractEventLoop:
-    global _loop, _loop_pid
+def _background_loop() -> tuple[asyncio.AbstractEventLoop, asyncio.Queue]:
+    global _loop, _loop_pid, _outbox
     with _state_lock:
-        # A forked pool child inherits the object but not the thread that runs it.
+        # A forked pool child inherits the objects but not the thread that runs them.
         if _loop is None or _loop_pid != os.getpid():
             loop = asyncio.new_event_loop()
+            outbox: asyncio.Queue = asyncio.Queue()
             threading.Thread(target=loop.run_forever, name="realtime-loop", daemon=True).start()
-            _loop, _loop_pid = loop, os.getpid()
-        return _loop
+            asyncio.run_coroutine_threadsafe(_send_forever(outbox), loop)
+            _loop, _loop_pid, _outbox = loop, os.getpid(), outbox
+            atexit.register(drain)
+        return _loop, _outbox
 
 
 def redis_client() -> redis.Redis:
@@ -64,27 +69,43 @@ def redis_client() -> redis.Redis:
 
 
 def publish(conversation_id: int, event: dict) -> None:
-    """Send one event to everyone following the conversation; never raises.
+    """Send one event to everyone following the conversation; never raises, never waits.
 
-    Live push is best effort: the DB and the partial list stay the truth for any client
-    that missed it.
+    Events go out in the order they were published, from one sender coroutine, so the
+    streaming worker is not held up by the channel layer. Live push is best effort: the DB
+    and the partial list stay the truth for any client that missed it.
     """
-    layer = get_channel_layer()
-    if layer is None:
+    if get_channel_layer() is None:
         return
+    loop, outbox = _background_loop()
     message = {"type": "rm.event", "event": event}
-    future = asyncio.run_coroutine_threadsafe(
-        layer.group_send(group_name(conversation_id), message), _background_loop()
-    )
+    loop.call_soon_threadsafe(outbox.put_nowait, (group_name(conversation_id), message))
+
+
+def drain(timeout: float = _PUBLISH_TIMEOUT_S) -> None:
+    """Wait until every event published so far has been handed to the channel layer."""
+    if _loop is None or _loop_pid != os.getpid():
+        return
+    loop, outbox = _background_loop()
+    future = asyncio.run_coroutine_threadsafe(outbox.join(), loop)
     try:
-        future.result(timeout=_PUBLISH_TIMEOUT_S)
+        future.result(timeout=timeout)
     except Exception:  # noqa: BLE001
-        logger.warning(
-            "could not push %s event for conversation %s",
-            event.get("type"),
-            conversation_id,
-            exc_info=True,
-        )
+        logger.warning("some live events could not be sent in time")
+
+
+async def _send_forever(outbox: asyncio.Queue) -> None:
+    layer = get_channel_layer()
+    while True:
+        group, message = await outbox.get()
+        try:
+            await layer.group_send(group, message)
+        except Exception:  # noqa: BLE001
+            logger.warning(
+                "could not push %s event to %s", message["event"].get("type"), group, exc_info=True
+            )
+        finally:
+            outbox.task_done()
 
 
 class AnswerStream:
@@ -96,7 +117,8 @@ class AnswerStream:
         self.seq = 0
         self._buffer: list[str] = []
         self._buffered_chars = 0
-        self._last_flush = time.monotonic()
+        # The first token goes out at once: it is the one a person is waiting for.
+        self._last_flush = float("-inf")
         self._interval = settings.RMASSIMO_STREAM_FLUSH_MS / 1000.0
         self._max_chars = settings.RMASSIMO_STREAM_FLUSH_CHARS
         redis_client().delete(_partial_key(question_id))
