@@ -19,8 +19,21 @@ app.conf.task_queues = [Queue("interactive"), Queue("batch"), Queue("cpu")]
 app.conf.task_create_missing_queues = True
 app.conf.task_routes = {
     "chat.tasks.answer_question": {"queue": "interactive"},
+    "chat.tasks.reap": {"queue": "cpu"},
     "ingestion.tasks.embed_batch": {"queue": "batch"},
     "ingestion.tasks.*": {"queue": "cpu"},
     "workers.tasks.*": {"queue": "cpu"},
 }
 app.autodiscover_tasks()
+
+
+@app.on_after_configure.connect
+def _schedule(sender, **kwargs) -> None:
+    from django.conf import settings
+
+    # The reaper puts back questions whose message or worker was lost (see chat.services).
+    sender.add_periodic_task(
+        settings.RMASSIMO_REAPER_S,
+        sender.signature("chat.tasks.reap"),
+        name="requeue stale questions",
+    )

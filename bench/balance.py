@@ -1,0 +1,208 @@
+"""Load balancing across simulated GPUs.
+
+N stand-in Ollamas, each serving one request at a time at a fixed tokens/s, one GPU worker
+per stand-in. M questions whose answer lengths are lognormal (median about one second of
+generation, sigma 1.2) are submitted through the API at once. Printed: makespan,
+efficiency = total generation time / (N x makespan), p50/p95 wait, per-GPU busy share;
+the same job sequence assigned greedily to the first idle GPU with zero overhead (the
+limit, computed here); and the same workload pinned round-robin (question i -> gpu.<i mod N>),
+as a round-robin or random proxy would spread it.
+
+    .venv/bin/python bench/balance.py [--gpus 4] [--questions 200] [--tps 50] [--seed 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import math
+import random
+import time
+
+from stack import Stack, percentile, token_for, wait
+
+
+def lengths(m: int, median_tokens: int, sigma: float, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [max(1, round(rng.lognormvariate(math.log(median_tokens), sigma))) for _ in range(m)]
+
+
+def greedy_makespan(durations: list[float], n: int) -> tuple[float, list[float]]:
+    """First idle GPU takes the next job, in submission order, with zero overhead."""
+    free = [(0.0, gpu) for gpu in range(n)]
+    heapq.heapify(free)
+    waits = []
+    end = 0.0
+    for d in durations:
+        at, gpu = heapq.heappop(free)
+        waits.append(at)
+        end = max(end, at + d)
+        heapq.heappush(free, (at + d, gpu))
+    return end, waits
+
+
+def round_robin_makespan(durations: list[float], n: int) -> float:
+    loads = [0.0] * n
+    for i, d in enumerate(durations):
+        loads[i % n] += d
+    return max(loads)
+
+
+async def submit_all(base: str, token: str, texts: list[str]) -> list[int]:
+    import httpx
+
+    async with httpx.AsyncClient(
+        base_url=base, timeout=60, headers={"Authorization": f"Token {token}"}
+    ) as client:
+
+        async def one(text: str) -> int:
+            r = await client.post("/api/v1/questions/", json={"text": text, "corpus": "bench"})
+            r.raise_for_status()
+            return r.json()["id"]
+
+        return list(await asyncio.gather(*(one(t) for t in texts)))
+
+
+def measure(ids: list[int], n: int, durations: list[float]) -> dict:
+    from chat.models import Question
+
+    rows = {q.pk: q for q in Question.objects.filter(pk__in=ids)}
+    ordered = [rows[i] for i in ids]
+    failed = [q for q in ordered if q.status != "done"]
+    if failed:
+        raise SystemExit(f"{len(failed)} questions did not finish: {failed[0].error}")
+    start = min(q.created_at for q in ordered)
+    end = max(q.finished_at for q in ordered)
+    makespan = (end - start).total_seconds()
+    busy = {}
+    for q in ordered:
+        busy[q.gpu] = busy.get(q.gpu, 0.0) + (q.finished_at - q.started_at).total_seconds()
+    waits = [(q.started_at - q.created_at).total_seconds() for q in ordered]
+    return {
+        "makespan": makespan,
+        "efficiency": sum(durations) / (n * makespan),
+        "wait_p50": percentile(waits, 0.5),
+        "wait_p95": percentile(waits, 0.95),
+        "busy": {gpu: share / makespan for gpu, share in sorted(busy.items())},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", type=int, default=4)
+    parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--tps", type=float, default=50.0)
+    parser.add_argument("--median-seconds", type=float, default=1.0)
+    parser.add_argument("--sigma", type=float, default=1.2)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+
+    stack = Stack(name="balance")
+    try:
+        from chat import services
+        from ingestion.models import Corpus
+
+        n, m = args.gpus, args.questions
+        # BM25 only: the bench is about generation, not embeddings.
+        Corpus.objects.create(slug="bench", name="Bench", embed_model="none")
+        tokens = lengths(m, round(args.median_seconds * args.tps), args.sigma, args.seed)
+        durations = [t / args.tps for t in tokens]
+        texts = [f"question {i} [[tokens={t}]]" for i, t in enumerate(tokens)]
+        stubs = [stack.stub(name=f"gpu{i}", tps=args.tps, parallel=1) for i in range(n)]
+        for i, stub in enumerate(stubs):
+            stack.worker(
+                name=f"gpu{i}@bench",
+                queues=["interactive", "batch", f"gpu.{i}"],
+                ollama_url=stub.url,
+                gpu=f"gpu{i}",
+            )
+        base = stack.web()
+        token = token_for("bench")
+        print(
+            f"{n} simulated GPUs at {args.tps:g} tokens/s, {m} questions, answer length "
+            f"lognormal(median {args.median_seconds:g} s, sigma {args.sigma}); "
+            f"total generation {sum(durations):.1f} s"
+        )
+
+        from chat.models import Question
+
+        def run(label: str, submit) -> dict:
+            t0 = time.monotonic()
+            ids = submit()
+            wait(
+                lambda: (
+                    Question.objects.filter(pk__in=ids, status__in=Question.FINAL).count()
+                    == len(ids)
+                ),
+                timeout=sum(durations) + 300,
+                what=label,
+            )
+            result = measure(ids, n, durations)
+            result["wall"] = time.monotonic() - t0
+            return result
+
+        shared = run("shared queue", lambda: asyncio.run(submit_all(base, token, texts)))
+
+        from django.contrib.auth import get_user_model
+
+        owner = get_user_model().objects.get(username="bench")
+        corpus = Corpus.objects.get(slug="bench")
+
+        def pinned():
+            return [
+                services.question_create(
+                    owner=owner, text=t, corpus=corpus, queue=f"gpu.{i % n}"
+                ).pk
+                for i, t in enumerate(texts)
+            ]
+
+        robin = run("round robin", pinned)
+
+        limit, limit_waits = greedy_makespan(durations, n)
+        rr_limit = round_robin_makespan(durations, n)
+        limit_eff = sum(durations) / (n * limit)
+        print()
+        print(f"{'':34}{'makespan':>10}{'efficiency':>12}{'wait p50':>10}{'wait p95':>10}")
+        print(
+            f"{'shared queues (this system)':34}{shared['makespan']:>9.1f}s"
+            f"{shared['efficiency']:>12.1%}{shared['wait_p50']:>9.1f}s{shared['wait_p95']:>9.1f}s"
+        )
+        print(
+            f"{'greedy first-idle, zero overhead':34}{limit:>9.1f}s{limit_eff:>12.1%}"
+            f"{percentile(limit_waits, 0.5):>9.1f}s{percentile(limit_waits, 0.95):>9.1f}s"
+        )
+        print(
+            f"{'round robin gpu.<i mod N> (system)':34}{robin['makespan']:>9.1f}s"
+            f"{robin['efficiency']:>12.1%}{robin['wait_p50']:>9.1f}s{robin['wait_p95']:>9.1f}s"
+        )
+        print(
+            f"{'round robin, zero overhead':34}{rr_limit:>9.1f}s"
+            f"{sum(durations) / (n * rr_limit):>12.1%}"
+        )
+        print()
+        print(
+            "busy share per GPU, shared queues: "
+            + ", ".join(f"{g} {s:.0%}" for g, s in shared["busy"].items())
+        )
+        print(
+            "busy share per GPU, round robin:   "
+            + ", ".join(f"{g} {s:.0%}" for g, s in robin["busy"].items())
+        )
+        gap = limit_eff - shared["efficiency"]
+        shorter = 1 - shared["makespan"] / robin["makespan"]
+        print()
+        print(
+            f"efficiency gap to the greedy limit: {gap:.1%} (target: within 3%)  "
+            f"{'OK' if gap <= 0.03 else 'MISSED'}"
+        )
+        print(
+            f"makespan shorter than round robin: {shorter:.1%} (target: at least 12%)  "
+            f"{'OK' if shorter >= 0.12 else 'MISSED'}"
+        )
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    main()

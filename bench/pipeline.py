@@ -1,0 +1,161 @@
+"""Time the system adds to an answer, on top of the model's own generation time.
+
+100 questions go one at a time through the HTTP API (POST, then wait for the `done` event
+the websocket consumer would forward) to a real worker, Milvus Lite and an Ollama stand-in
+generating at a fixed pace. The same
+questions are then answered in this process by a llama-index query engine over the same
+Milvus collection and the same stand-in (the old prototype's way). For each, added time =
+time until the answer is complete - the stand-in's generation time (first token latency +
+tokens / tokens-per-second, the same schedule for both).
+
+    .venv/bin/python bench/pipeline.py [--questions 100] [--tps 200] [--tokens 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from stack import Stack, percentile, token_for, wait
+
+
+def corpus_texts() -> dict[str, str]:
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)[:30]
+    return {f"{name}.txt": topics[name] for name in names}
+
+
+async def ask_all(base: str, token: str, questions: list[str], generation: float) -> list[float]:
+    """Ask one at a time as a websocket client would see it: follow the conversation's
+    events (the channel layer the websocket consumer reads), POST, wait for `done`."""
+    import httpx
+    from channels.layers import get_channel_layer
+
+    from core import realtime
+
+    layer = get_channel_layer()
+    added = []
+    headers = {"Authorization": f"Token {token}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
+        for text in questions:
+            conversation = (
+                await client.post("/api/v1/conversations/", json={"corpus": "bench"})
+            ).json()["id"]
+            channel = await layer.new_channel()
+            await layer.group_add(realtime.group_name(conversation), channel)
+            t0 = time.perf_counter()
+            posted = await client.post(
+                "/api/v1/questions/", json={"text": text, "conversation": conversation}
+            )
+            posted.raise_for_status()
+            while True:
+                event = (await asyncio.wait_for(layer.receive(channel), 30))["event"]
+                if event["type"] in ("done", "failed", "cancelled"):
+                    break
+            elapsed = time.perf_counter() - t0
+            await layer.group_discard(realtime.group_name(conversation), channel)
+            if event["type"] != "done":
+                raise SystemExit(f"question {event['type']}: {event.get('error')}")
+            added.append((elapsed - generation) * 1000)
+    return added
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--questions", type=int, default=100)
+    parser.add_argument("--tps", type=float, default=200.0)
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--latency", type=float, default=0.02)
+    args = parser.parse_args()
+
+    stack = Stack(name="pipeline")
+    try:
+        from django.conf import settings
+
+        from ingestion import services
+        from ingestion.models import IngestionJob
+
+        stub = stack.stub(name="gpu0", tps=args.tps, latency=args.latency, reply_tokens=args.tokens)
+        stack.worker(
+            name="gpu0@bench",
+            queues=["interactive", "batch", "gpu.0", "cpu"],
+            ollama_url=stub.url,
+            gpu="gpu0",
+        )
+        base = stack.web()
+        corpus, _ = services.corpus_get_or_create(slug="bench")
+        docs = corpus_texts()
+        jobs = [
+            services.document_add(corpus=corpus, source=name, data=text.encode()).job.pk
+            for name, text in docs.items()
+        ]
+        wait(
+            lambda: IngestionJob.objects.filter(pk__in=jobs, status="done").count() == len(jobs),
+            timeout=300,
+            what="ingestion",
+        )
+        generation = args.latency + args.tokens / args.tps
+        topics = sorted(docs)
+        questions = [
+            f"What does the documentation say about {topics[i % len(topics)][:-4]}?"
+            for i in range(args.questions)
+        ]
+        print(
+            f"{len(docs)} documents indexed; {args.questions} questions; stand-in "
+            f"generation {generation * 1000:.0f} ms per answer ({args.tokens} tokens at "
+            f"{args.tps:g}/s after {args.latency * 1000:.0f} ms)"
+        )
+
+        added = asyncio.run(ask_all(base, token_for("bench"), questions, generation))
+
+        # The prototype: llama-index in-process over the same collection and stand-in.
+        from llama_index.core import Settings as LlamaSettings
+        from llama_index.core import VectorStoreIndex
+        from llama_index.embeddings.ollama import OllamaEmbedding
+        from llama_index.llms.ollama import Ollama
+
+        from core import vectorstore
+
+        store = vectorstore.store(corpus.pk, dim=None)
+        LlamaSettings.embed_model = OllamaEmbedding(
+            model_name=settings.RMASSIMO_EMBED_MODEL, base_url=stub.url
+        )
+        llm = Ollama(
+            model=settings.RMASSIMO_CHAT_MODEL,
+            base_url=stub.url,
+            context_window=settings.RMASSIMO_CONTEXT_WINDOW,
+            request_timeout=30,
+        )
+        engine = VectorStoreIndex.from_vector_store(store).as_query_engine(
+            llm=llm, similarity_top_k=settings.RMASSIMO_TOP_K, streaming=True
+        )
+        prototype = []
+        for text in questions:
+            t0 = time.perf_counter()
+            response = engine.query(text)
+            "".join(response.response_gen)
+            prototype.append((time.perf_counter() - t0 - generation) * 1000)
+
+        def line(label: str, values: list[float]) -> str:
+            return (
+                f"{label:44}{percentile(values, 0.5):>8.1f} ms{percentile(values, 0.95):>9.1f} ms"
+            )
+
+        print()
+        print(f"{'added on top of generation':44}{'median':>11}{'p95':>12}")
+        print(line("this system (API -> queue -> GPU worker)", added))
+        print(line("prototype (llama-index in-process)", prototype))
+        median = percentile(added, 0.5)
+        print()
+        print(
+            f"median added time: {median:.1f} ms (target: under 50 ms)  "
+            f"{'OK' if median < 50 else 'MISSED'}"
+        )
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""A whole R.Massimo stack in temporary folders, for benchmarks: Milvus Lite server, Ollama
+stand-ins, Celery workers and the ASGI server, each a real process (the stand-ins run in
+this process, on threads). Call `setup()` before importing anything from Django.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, *, name: str, redis_db: int = 9) -> None:
+        self.var = Path(tempfile.mkdtemp(prefix=f"rmassimo-{name}-"))
+        (self.var / "logs").mkdir()
+        self.procs: list = []
+        self.stubs: list = []
+        os.environ.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "tests.settings",
+                "RMASSIMO_VAR_DIR": str(self.var),
+                "REDIS_URL": os.environ.get(
+                    "BENCH_REDIS_URL", f"redis://127.0.0.1:6379/{redis_db}"
+                ),
+                "MILVUS_URI": f"http://127.0.0.1:{_free_port()}",
+                "RMASSIMO_ASK_RATE": "100000/min",
+                "RMASSIMO_LOG_LEVEL": "WARNING",
+                # Production's coalescing interval, not the test suite's shorter one.
+                "RMASSIMO_STREAM_FLUSH_MS": os.environ.get("RMASSIMO_STREAM_FLUSH_MS", "50"),
+            }
+        )
+        database = os.environ.get("BENCH_DATABASE_URL")
+        if database is None and _postgres_answers():
+            database = f"postgres://postgres@127.0.0.1:5432/rmassimo_bench_{name}"
+            _recreate_postgres_db(database.rsplit("/", 1)[1])
+        if database:
+            os.environ["DATABASE_URL"] = database
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+        import redis
+        from django.conf import settings
+
+        redis.Redis.from_url(settings.REDIS_URL).flushdb()
+        from tests import processes
+
+        self.processes = processes
+        self.milvus = processes.start_milvus(
+            self.var / "milvus", settings.MILVUS_URI, self.var / "logs" / "milvus.log"
+        )
+
+    def stub(self, **behaviour):
+        from django.conf import settings
+
+        from tests.ollama_stub import OllamaStub
+
+        behaviour.setdefault("chat_models", (settings.RMASSIMO_CHAT_MODEL,))
+        behaviour.setdefault("embed_models", (settings.RMASSIMO_EMBED_MODEL,))
+        stub = OllamaStub(**behaviour).start()
+        self.stubs.append(stub)
+        return stub
+
+    def worker(self, *, name: str, queues: list[str], ollama_url: str, gpu: str, **extra):
+        worker = self.processes.Worker(
+            name=name,
+            queues=queues,
+            ollama_url=ollama_url,
+            gpu=gpu,
+            log_dir=self.var / "logs",
+            extra_env={"RMASSIMO_LOG_LEVEL": "WARNING", **extra},
+        )
+        self.procs.append(worker)
+        return worker
+
+    def web(self) -> str:
+        """Start daphne on a free port; returns its base URL."""
+        port = _free_port()
+        log = (self.var / "logs" / "web.log").open("wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "rmassimo_site.asgi:application",
+            ],
+            cwd=ROOT,
+            env=self.processes.worker_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        self.processes.wait_for(
+            lambda: self.processes.port_open("127.0.0.1", port), timeout=60, what="daphne"
+        )
+        return f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if hasattr(proc, "stop"):
+                proc.stop()
+            elif proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        for stub in self.stubs:
+            stub.stop()
+        self.milvus.terminate()
+        self.milvus.wait(30)
+        from django.db import connections
+
+        connections.close_all()
+        if os.environ.get("BENCH_KEEP") is None:
+            shutil.rmtree(self.var, ignore_errors=True)
+
+
+def _postgres_answers() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=2).close()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _recreate_postgres_db(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def token_for(username: str, *, staff: bool = False) -> str:
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    user, _ = get_user_model().objects.get_or_create(
+        username=username, defaults={"is_staff": staff}
+    )
+    return Token.objects.get_or_create(user=user)[0].key
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    low, high = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+
+
+def wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)

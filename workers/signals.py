@@ -1,0 +1,62 @@
+"""Celery signal handlers: heartbeats from the worker process, job state from the pool."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import signals
+
+from workers import health
+
+logger = logging.getLogger(__name__)
+_heartbeat: health.Heartbeat | None = None
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender=None, **kwargs) -> None:
+    global _heartbeat
+    queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
+    health.set_healthy()
+    _heartbeat = health.Heartbeat(queues=queues, node=sender.hostname, control=sender.app.control)
+    _heartbeat.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**kwargs) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stopping.set()
+    try:
+        health.gone()
+    except Exception:  # noqa: BLE001 - shutting down; Redis may be gone too
+        logger.debug("could not mark the worker gone", exc_info=True)
+
+
+@signals.task_prerun.connect
+def _check_connections(**kwargs) -> None:
+    """Before each task, what Django does before each request: drop a connection that
+    failed or outlived CONN_MAX_AGE, and check the one kept on its first use.
+
+    Workers keep their connections between tasks (CELERY_DB_REUSE_MAX): opening one per
+    task was a fifth of an embedding batch's time. Without this check a connection broken
+    by a database restart would fail every task until the next periodic close.
+    """
+    from django.db import connections
+
+    for connection in connections.all(initialized_only=True):
+        connection.close_if_unusable_or_obsolete()
+
+
+@signals.task_prerun.connect
+def _job_started(task_id=None, task=None, args=None, **kwargs) -> None:
+    try:
+        health.job_started(task=task.name, task_id=task_id, args=list(args or []))
+    except Exception:  # noqa: BLE001 - bookkeeping must never fail a job
+        logger.debug("could not record the job start", exc_info=True)
+
+
+@signals.task_postrun.connect
+def _job_finished(**kwargs) -> None:
+    try:
+        health.job_finished()
+    except Exception:  # noqa: BLE001
+        logger.debug("could not record the job end", exc_info=True)
