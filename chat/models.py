@@ -49,6 +49,10 @@ class Question(models.Model):
     worker = models.CharField(max_length=200, blank=True)
     model = models.CharField(max_length=200, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    lease_until = models.DateTimeField(
+        null=True, blank=True, help_text="A running attempt renews this; past it, it is dead."
+    )
+    enqueued_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     first_token_at = models.DateTimeField(null=True, blank=True)

@@ -3,6 +3,13 @@ from celery import shared_task
 from chat import services
 
 
-@shared_task(name="chat.tasks.answer_question")
-def answer_question(question_id: int) -> None:
-    services.question_answer(question_id=question_id)
+@shared_task(name="chat.tasks.answer_question", bind=True, max_retries=None)
+def answer_question(self, question_id: int) -> None:
+    retry_in = services.question_answer(question_id=question_id)
+    if retry_in:
+        raise self.retry(countdown=retry_in)
+
+
+@shared_task(name="chat.tasks.reap")
+def reap() -> dict:
+    return services.requeue_stale()

@@ -1,0 +1,129 @@
+"""Load: many clients asking and polling at once against the ASGI server.
+
+200 clients (each its own user), for 60 s: ask, poll every 0.5 s until the answer is final,
+ask again. 4 simulated GPUs (stand-ins serving one request at a time). Afterwards every
+accepted question must reach a final state: questions lost must be 0.
+
+    .venv/bin/python bench/load.py [--clients 200] [--seconds 60] [--gpus 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from stack import Stack, percentile, token_for, wait
+
+
+async def client_loop(base: str, token: str, deadline: float, stats: dict) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(
+        base_url=base, timeout=30, headers={"Authorization": f"Token {token}"}
+    ) as http:
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            try:
+                t0 = time.perf_counter()
+                r = await http.post(
+                    "/api/v1/questions/", json={"text": f"Vesuvius question {n}", "corpus": "load"}
+                )
+                stats["latency"].append(time.perf_counter() - t0)
+                stats["requests"] += 1
+                if r.status_code != 202:
+                    stats["errors"] += 1
+                    await asyncio.sleep(0.5)
+                    continue
+                pk = r.json()["id"]
+                stats["accepted"].append(pk)
+                while time.monotonic() < deadline + 120:
+                    await asyncio.sleep(0.5)
+                    t0 = time.perf_counter()
+                    g = await http.get(f"/api/v1/questions/{pk}/")
+                    stats["latency"].append(time.perf_counter() - t0)
+                    stats["requests"] += 1
+                    if g.status_code != 200:
+                        stats["errors"] += 1
+                        continue
+                    if g.json()["status"] in ("done", "failed", "cancelled"):
+                        break
+            except httpx.HTTPError:
+                stats["errors"] += 1
+                await asyncio.sleep(0.5)
+
+
+async def run_clients(base: str, tokens: list[str], seconds: float, stats: dict) -> None:
+    deadline = time.monotonic() + seconds
+    await asyncio.gather(*(client_loop(base, t, deadline, stats) for t in tokens))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--gpus", type=int, default=4)
+    parser.add_argument("--tps", type=float, default=100)
+    parser.add_argument("--tokens", type=int, default=20)
+    args = parser.parse_args()
+
+    stack = Stack(name="load")
+    try:
+        from chat.models import Question
+        from ingestion.models import Corpus
+
+        Corpus.objects.create(slug="load", name="Load", embed_model="none")
+        for i in range(args.gpus):
+            stub = stack.stub(name=f"gpu{i}", tps=args.tps, reply_tokens=args.tokens, parallel=1)
+            stack.worker(
+                name=f"gpu{i}@load",
+                queues=["interactive", "batch", f"gpu.{i}"],
+                ollama_url=stub.url,
+                gpu=f"gpu{i}",
+            )
+        base = stack.web()
+        tokens = [token_for(f"load{i}") for i in range(args.clients)]
+        stats = {"requests": 0, "errors": 0, "latency": [], "accepted": []}
+        t0 = time.monotonic()
+        asyncio.run(run_clients(base, tokens, args.seconds, stats))
+        elapsed = time.monotonic() - t0
+        accepted = stats["accepted"]
+        try:
+            wait(
+                lambda: (
+                    Question.objects.filter(pk__in=accepted, status__in=Question.FINAL).count()
+                    == len(accepted)
+                ),
+                timeout=180,
+                what="every question to finish",
+            )
+        except TimeoutError:
+            pass
+        final = Question.objects.filter(pk__in=accepted, status__in=Question.FINAL)
+        done = final.filter(status="done").count()
+        lost = len(accepted) - final.count()
+        latency = [x * 1000 for x in stats["latency"]]
+        print(
+            f"{args.clients} clients for {args.seconds:g} s against one ASGI server, "
+            f"{args.gpus} simulated GPUs ({args.tokens} tokens at {args.tps:g}/s)"
+        )
+        print(
+            f"requests: {stats['requests']} ({stats['requests'] / elapsed:.0f}/s), "
+            f"errors: {stats['errors']}"
+        )
+        print(
+            f"API latency: p50 {percentile(latency, 0.5):.0f} ms, "
+            f"p95 {percentile(latency, 0.95):.0f} ms"
+        )
+        print(
+            f"questions accepted: {len(accepted)}, answered: {done}, "
+            f"failed: {final.count() - done}, lost: {lost}"
+        )
+        print(f"questions lost: {lost} (must be 0)  {'OK' if lost == 0 else 'FAILED'}")
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    main()
