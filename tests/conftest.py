@@ -66,18 +66,42 @@ def stub(ollama):
     ollama.configure(**{**STUB_DEFAULTS, **STUB_MODELS, "name": "gpu0"})
 
 
+SESSION_WORKER = "gpu0@tests"
+SESSION_QUEUES = ["interactive", "batch", "gpu.0", "cpu"]
+_session_worker_started = False
+
+
 @pytest.fixture(scope="session")
 def worker(django_db_setup, django_db_blocker, milvus, ollama, var_dir):
     """One worker taking every queue, bound to the session's stand-in as gpu0."""
+    global _session_worker_started
     with django_db_blocker.unblock():
         proc = processes.Worker(
-            name="gpu0@tests",
-            queues=["interactive", "batch", "gpu.0", "cpu"],
+            name=SESSION_WORKER,
+            queues=SESSION_QUEUES,
             ollama_url=ollama.url,
             log_dir=var_dir / "logs",
         )
+    _session_worker_started = True
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def own_workers(django_db_setup, milvus, transactional_db):
+    """For a test that starts its own workers: the session worker stops consuming meanwhile."""
+    from workers.celery import app
+
+    if _session_worker_started:
+        for queue in SESSION_QUEUES:
+            replies = app.control.cancel_consumer(
+                queue, destination=[SESSION_WORKER], reply=True, timeout=10
+            )
+            assert replies, f"the session worker did not stop consuming {queue}"
+    yield
+    if _session_worker_started:
+        for queue in SESSION_QUEUES:
+            app.control.add_consumer(queue, destination=[SESSION_WORKER], reply=True)
 
 
 @pytest.fixture

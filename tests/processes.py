@@ -28,6 +28,12 @@ def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.05, what: 
         time.sleep(interval)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         socket.create_connection((host, port), timeout=0.2).close()
@@ -127,11 +133,13 @@ class Worker:
             "--without-mingle",
         ]
         env = worker_env(
-            RMASSIMO_WORKER_GPU=gpu,
-            RMASSIMO_WORKER_NAME=name,
-            RMASSIMO_OLLAMA_URL=ollama_url,
-            RMASSIMO_LOG_LEVEL="INFO",
-            **(extra_env or {}),
+            **{
+                "RMASSIMO_WORKER_GPU": gpu,
+                "RMASSIMO_WORKER_NAME": name,
+                "RMASSIMO_OLLAMA_URL": ollama_url,
+                "RMASSIMO_LOG_LEVEL": "INFO",
+                **(extra_env or {}),
+            }
         )
         self.proc = subprocess.Popen(
             argv,

@@ -22,6 +22,9 @@ os.environ.setdefault("RMASSIMO_STREAM_FLUSH_MS", "20")
 os.environ.setdefault("RMASSIMO_OLLAMA_TIMEOUT", "10")
 os.environ.setdefault("RMASSIMO_LOG_LEVEL", "WARNING")
 os.environ.setdefault("RMASSIMO_ASK_RATE", "1000/min")
+os.environ.setdefault("RMASSIMO_HEARTBEAT_S", "0.5")
+# The suite's workers talk to Ollama stand-ins; a test of the embedded model says so itself.
+os.environ.setdefault("RMASSIMO_LLM_BACKEND", "ollama")
 
 from rmassimo_site.settings import *  # noqa: E402, F403
 
