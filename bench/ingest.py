@@ -28,7 +28,6 @@ import argparse
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,11 +39,9 @@ _DATABASE = "rmassimo_bench_ingest"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from stack import percentile  # noqa: E402
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.processes import free_port  # noqa: E402
 
 
 def _fresh_postgres(name: str) -> str | None:
@@ -68,13 +65,6 @@ def _drop_postgres(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    low, high = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
-
-
 class Bench:
     def __init__(self, *, batch_workers: int, cpu_concurrency: int) -> None:
         self.var = Path(tempfile.mkdtemp(prefix="rmassimo-bench-ingest-"))
@@ -84,7 +74,7 @@ class Bench:
                 "DJANGO_SETTINGS_MODULE": "tests.settings",
                 "RMASSIMO_VAR_DIR": str(self.var),
                 "REDIS_URL": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8"),
-                "MILVUS_URI": f"http://127.0.0.1:{_free_port()}",
+                "MILVUS_URI": f"http://127.0.0.1:{free_port()}",
                 "RMASSIMO_LOG_LEVEL": "WARNING",
                 "RMASSIMO_LLM_BACKEND": "ollama",
                 # Production mode: no per-query debug bookkeeping in the workers.
@@ -115,7 +105,7 @@ class Bench:
             self.var / "milvus", settings.MILVUS_URI, self.var / "logs" / "milvus.log"
         )
         # The stand-in runs as its own process, as Ollama does, not on this one's threads.
-        port = _free_port()
+        port = free_port()
         self.stub = subprocess.Popen(
             [
                 sys.executable,

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,11 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.processes import free_port  # noqa: E402
 
 
 class Stack:
@@ -39,7 +33,7 @@ class Stack:
                 "REDIS_URL": os.environ.get(
                     "BENCH_REDIS_URL", f"redis://127.0.0.1:6379/{redis_db}"
                 ),
-                "MILVUS_URI": f"http://127.0.0.1:{_free_port()}",
+                "MILVUS_URI": f"http://127.0.0.1:{free_port()}",
                 "RMASSIMO_ASK_RATE": "100000/min",
                 "RMASSIMO_LOG_LEVEL": "WARNING",
                 # Production's coalescing interval, not the test suite's shorter one.
@@ -94,7 +88,7 @@ class Stack:
 
     def web(self) -> str:
         """Start daphne on a free port; returns its base URL."""
-        port = _free_port()
+        port = free_port()
         log = (self.var / "logs" / "web.log").open("wb")
         proc = subprocess.Popen(
             [
@@ -123,13 +117,8 @@ class Stack:
         for proc in reversed(self.procs):
             if hasattr(proc, "stop"):
                 proc.stop()
-            elif proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            else:
+                self.processes.stop(proc, timeout=15)
         for stub in self.stubs:
             stub.stop()
         self.milvus.terminate()

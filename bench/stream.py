@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -44,15 +43,11 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.processes import free_port  # noqa: E402
+
 SECTION = "## Streaming (bench/stream.py)"
 MARKER = re.compile(r"Bench (r\d+q\d+):")
 FINAL = {"done", "failed", "cancelled"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_database(work_dir: Path) -> tuple[str, callable]:

@@ -4,15 +4,13 @@ tests drive. Fixtures here are imported by the test modules that use them."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.processes import ROOT, port_open, wait_for, worker_env
+from tests.processes import ROOT, free_port, port_open, stop, wait_for, worker_env
 
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -26,12 +24,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Daphne:
@@ -73,13 +65,7 @@ class Daphne:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self, timeout: float = 15) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop(self.proc, timeout)
 
 
 @pytest.fixture(scope="module")

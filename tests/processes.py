@@ -28,6 +28,19 @@ def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.05, what: 
         time.sleep(interval)
 
 
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM (a warm shutdown), then SIGKILL to the whole process group if it lingers.
+
+    The process must have been started with start_new_session=True."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -160,10 +173,4 @@ class Worker:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self, timeout: float = 20) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop(self.proc, timeout)

@@ -4,8 +4,6 @@ talks to it over HTTP and reads the shared test database."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -186,13 +184,7 @@ class FaultStack:
         for worker in self.workers:
             worker.stop(timeout=10)
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            processes.stop(proc, timeout=10)
         for stub in self.stubs:
             stub.stop()
 
