@@ -329,6 +329,10 @@ def _answer(question: Question, corpus: Corpus, base_url: str, settings) -> None
                 lease.check()
     except Lost:
         stream.discard()
+        # Stopped by its owner: keep what was written so far, as the chat showed it.
+        Question.objects.filter(
+            pk=question.pk, status=Question.Status.CANCELLED, attempts=question.attempts
+        ).update(answer="".join(parts))
         raise
     stream.flush()
     generation_ms = stats.eval_ms or round((time.monotonic() - generation_started) * 1000, 1)

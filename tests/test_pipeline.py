@@ -135,3 +135,27 @@ def test_ollama_unreachable_fails_naming_the_url(live, api):
     assert result["status"] == "failed"
     assert "could not be reached" in result["error"] and url in result["error"]
     assert Question.objects.filter(status="running").count() == 0
+
+
+def test_cancel_stops_generation_and_keeps_the_text_so_far(live, api):
+    corpus = build_corpus()
+    live.configure(tps=20, reply_tokens=200)
+    posted = ask(api.owner, text="Vesuvius at length", corpus=corpus.slug)
+    wait_for(
+        lambda: len(api.owner.get(f"/api/v1/questions/{posted['id']}/").json()["answer"]) > 0,
+        timeout=30,
+        what="the answer to start streaming",
+    )
+    cancelled = api.owner.post(f"/api/v1/questions/{posted['id']}/cancel/")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    row = wait_for(
+        lambda: (q := Question.objects.get(pk=posted["id"])).answer and q,
+        timeout=10,
+        what="the partial answer to be kept",
+    )
+    assert row.status == "cancelled"
+    words = len(row.answer.split())
+    assert 1 <= words < 150  # stopped well before its 200 tokens
+    # Cancelling again changes nothing.
+    again = api.owner.post(f"/api/v1/questions/{posted['id']}/cancel/")
+    assert again.json()["status"] == "cancelled"
