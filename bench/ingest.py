@@ -39,30 +39,9 @@ _DATABASE = "rmassimo_bench_ingest"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stack import percentile  # noqa: E402
+from stack import drop_database, fresh_database, percentile, start_services  # noqa: E402
 
 from tests.processes import free_port  # noqa: E402
-
-
-def _fresh_postgres(name: str) -> str | None:
-    try:
-        import psycopg
-
-        admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-        with psycopg.connect(admin, autocommit=True, connect_timeout=2) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except Exception:  # noqa: BLE001 (no PostgreSQL: SQLite it is)
-        return None
-    return f"postgres://postgres@127.0.0.1:5432/{name}"
-
-
-def _drop_postgres(name: str) -> None:
-    import psycopg
-
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    with psycopg.connect(admin, autocommit=True, connect_timeout=2) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Bench:
@@ -83,27 +62,11 @@ class Bench:
                 "DJANGO_ALLOWED_HOSTS": "localhost",
             }
         )
-        self.own_database = None if os.environ.get("BENCH_DATABASE_URL") else _DATABASE
-        database = os.environ.get("BENCH_DATABASE_URL") or _fresh_postgres(_DATABASE)
-        if database is None:
-            self.own_database = None
-        if database:
-            os.environ["DATABASE_URL"] = database
-        import django
-
-        django.setup()
-        import redis
+        self.own_database = fresh_database(_DATABASE)
+        self.processes, self.milvus = start_services(self.var)
+        processes = self.processes
         from django.conf import settings
-        from django.core.management import call_command
 
-        from tests import processes
-
-        call_command("migrate", verbosity=0)
-        redis.Redis.from_url(settings.REDIS_URL).flushdb()
-        self.processes = processes
-        self.milvus = processes.start_milvus(
-            self.var / "milvus", settings.MILVUS_URI, self.var / "logs" / "milvus.log"
-        )
         # The stand-in runs as its own process, as Ollama does, not on this one's threads.
         port = free_port()
         self.stub = subprocess.Popen(
@@ -162,7 +125,7 @@ class Bench:
 
         connections.close_all()
         if self.own_database:
-            _drop_postgres(self.own_database)
+            drop_database(self.own_database)
         if not os.environ.get("BENCH_KEEP"):
             shutil.rmtree(self.var, ignore_errors=True)
 

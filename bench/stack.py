@@ -40,28 +40,8 @@ class Stack:
                 "RMASSIMO_STREAM_FLUSH_MS": os.environ.get("RMASSIMO_STREAM_FLUSH_MS", "50"),
             }
         )
-        database = os.environ.get("BENCH_DATABASE_URL")
-        if database is None and _postgres_answers():
-            database = f"postgres://postgres@127.0.0.1:5432/rmassimo_bench_{name}"
-            _recreate_postgres_db(database.rsplit("/", 1)[1])
-        if database:
-            os.environ["DATABASE_URL"] = database
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate", verbosity=0)
-        import redis
-        from django.conf import settings
-
-        redis.Redis.from_url(settings.REDIS_URL).flushdb()
-        from tests import processes
-
-        self.processes = processes
-        self.milvus = processes.start_milvus(
-            self.var / "milvus", settings.MILVUS_URI, self.var / "logs" / "milvus.log"
-        )
+        self.database = fresh_database(f"rmassimo_bench_{name}")
+        self.processes, self.milvus = start_services(self.var)
 
     def stub(self, **behaviour):
         from django.conf import settings
@@ -126,26 +106,61 @@ class Stack:
         from django.db import connections
 
         connections.close_all()
+        if self.database:
+            drop_database(self.database)
         if os.environ.get("BENCH_KEEP") is None:
             shutil.rmtree(self.var, ignore_errors=True)
 
 
-def _postgres_answers() -> bool:
-    try:
-        import psycopg
-
-        psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=2).close()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
+_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-def _recreate_postgres_db(name: str) -> None:
+def fresh_database(name: str) -> str | None:
+    """Point DATABASE_URL at an empty database: BENCH_DATABASE_URL when set, else a new
+    PostgreSQL database `name` when one answers, else the settings' SQLite file.
+    Returns the name of the database created here (to drop afterwards), or None."""
+    url = os.environ.get("BENCH_DATABASE_URL")
+    created = None
+    if url is None:
+        try:
+            import psycopg
+
+            with psycopg.connect(_ADMIN_DSN, autocommit=True, connect_timeout=2) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                conn.execute(f'CREATE DATABASE "{name}"')
+            url, created = f"postgres://postgres@127.0.0.1:5432/{name}", name
+        except Exception:  # noqa: BLE001, S110 - no PostgreSQL: SQLite it is
+            pass
+    if url:
+        os.environ["DATABASE_URL"] = url
+    return created
+
+
+def drop_database(name: str) -> None:
     import psycopg
 
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+    with psycopg.connect(_ADMIN_DSN, autocommit=True, connect_timeout=2) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def start_services(var: Path):
+    """Django set up and migrated, the bench's Redis database emptied, a Milvus Lite server
+    on MILVUS_URI. Returns (tests.processes, the Milvus process)."""
+    import django
+
+    django.setup()
+    import redis
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from tests import processes
+
+    call_command("migrate", verbosity=0)
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    milvus = processes.start_milvus(
+        var / "milvus", settings.MILVUS_URI, var / "logs" / "milvus.log"
+    )
+    return processes, milvus
 
 
 def token_for(username: str, *, staff: bool = False) -> str:
