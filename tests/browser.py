@@ -95,7 +95,9 @@ def chromium():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
-        pytest.fail(f"the playwright package is missing ({exc}); pip install -r requirements.txt")
+        pytest.fail(
+            f"the playwright package is missing ({exc}); pip install -r requirements/test.txt"
+        )
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     # Playwright's sync API keeps an event loop set on this thread; the ORM calls these tests
