@@ -237,6 +237,8 @@ RMASSIMO_OLLAMA_KEEP_ALIVE = env.str("RMASSIMO_OLLAMA_KEEP_ALIVE", default="30m"
 # card i the port 11434 + i.
 RMASSIMO_OLLAMA_URL_TEMPLATE = env.str("RMASSIMO_OLLAMA_URL_TEMPLATE", default="")
 RMASSIMO_GPU_SLOTS = env.int("RMASSIMO_GPU_SLOTS", default=1)
+# daphne processes that `manage.py run_web` starts on one listening socket.
+RMASSIMO_WEB_PROCESSES = env.int("RMASSIMO_WEB_PROCESSES", default=1)
 RMASSIMO_CPU_CONCURRENCY = env.int("RMASSIMO_CPU_CONCURRENCY", default=2)
 RMASSIMO_HEARTBEAT_S = env.float("RMASSIMO_HEARTBEAT_S", default=5.0)
 # Ingestion jobs: starts of a job's preparing step before it is failed instead of looping;

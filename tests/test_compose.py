@@ -85,6 +85,76 @@ def _depends_on(service: dict) -> dict[str, str]:
     }
 
 
+def _seconds(duration) -> float:
+    """A Compose duration ("6m", "1m30s", "330s") in seconds; Compose's default is 10 s."""
+    if duration is None:
+        return 10.0
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", str(duration))
+    unit = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 0.000001}
+    return sum(float(value) * unit[name] for value, name in parts)
+
+
+def _published(service: dict) -> list[str]:
+    # Short syntax only ("host_ip:host:container"), as this file writes them.
+    return [str(port) for port in service.get("ports") or []]
+
+
+# Longest warm shutdown of a worker: RMASSIMO_ANSWER_TIME_LIMIT (300 s) + Celery's 30 s.
+WARM_SHUTDOWN_S = 330
+
+
+def operations_problems(compose: dict) -> list[str]:
+    """What breaks the operations rules of docs/deploy.md (proxy, secrets, shutdown)."""
+    problems: list[str] = []
+    services: dict = compose.get("services") or {}
+    proxy = services.get("proxy")
+    if proxy is None:
+        problems.append("no proxy service")
+    elif not any(port.endswith(":443") for port in _published(proxy)):
+        problems.append("proxy does not publish port 443")
+    for name, service in services.items():
+        if name == "proxy":
+            continue
+        for port in _published(service):
+            # "8000:8000" or "0.0.0.0:..." listens on every interface, beside the proxy.
+            if port.count(":") < 2 or port.startswith(("0.0.0.0:", "[::]:")):
+                problems.append(f"{name} publishes {port} on every interface")
+    if _published(services.get("web") or {}):
+        problems.append("web publishes a port: only the proxy may reach it")
+    environment = _environment(services.get("web") or {})
+    for variable in ("DJANGO_ALLOWED_HOSTS", "DJANGO_CSRF_TRUSTED_ORIGINS"):
+        if "RMASSIMO_DOMAIN" not in environment.get(variable, ""):
+            problems.append(f"web does not derive {variable} from RMASSIMO_DOMAIN")
+    if "https://" not in environment.get("DJANGO_CSRF_TRUSTED_ORIGINS", ""):
+        problems.append("web does not trust the https origin for CSRF")
+    if "minioadmin" in json.dumps(compose):
+        problems.append("MinIO's default credentials are used")
+    required = {
+        ("minio", "MINIO_ROOT_PASSWORD"),
+        ("milvus", "MINIO_SECRET_ACCESS_KEY"),
+        ("milvus", "COMMON_SECURITY_DEFAULTROOTPASSWORD"),
+        ("postgres", "POSTGRES_PASSWORD"),
+        ("flower", "FLOWER_BASIC_AUTH"),
+    }
+    for name, variable in sorted(required):
+        value = _environment(services.get(name) or {}).get(variable, "")
+        if not (value.startswith("${") and ":?" in value):
+            problems.append(f"{name} does not require {variable} from the environment")
+    milvus = _environment(services.get("milvus") or {})
+    if milvus.get("COMMON_SECURITY_AUTHORIZATIONENABLED") != "true":
+        problems.append("milvus does not require clients to sign in")
+    if "--requirepass" not in _command(services.get("redis") or {}):
+        problems.append("redis does not require a password")
+    for name, service in services.items():
+        grace = _seconds(service.get("stop_grace_period"))
+        if name.startswith("worker-") and grace < WARM_SHUTDOWN_S:
+            problems.append(
+                f"{name} is killed {grace:g} s after SIGTERM, "
+                f"before a warm shutdown ({WARM_SHUTDOWN_S} s)"
+            )
+    return problems
+
+
 def compose_problems(compose: dict) -> list[str]:
     """What breaks the deployment rules in docs/deploy.md; [] when all hold."""
     problems: list[str] = []
@@ -167,8 +237,8 @@ def compose_problems(compose: dict) -> list[str]:
         problems.append("worker-cpu does not run `manage.py run_workers --cpu-only`")
     if "beat" not in _command(services.get("beat") or {}):
         problems.append("beat does not run celery beat")
-    if "daphne" not in _command(services.get("web") or {}):
-        problems.append("web does not serve the ASGI app with daphne")
+    if "run_web" not in _command(services.get("web") or {}):
+        problems.append("web does not serve the ASGI app with `manage.py run_web` (daphne)")
 
     for name, service in services.items():
         environment = _environment(service)
@@ -197,6 +267,10 @@ def test_compose_file_matches_the_compose_schema(compose, schema):
 
 def test_compose_file_follows_the_deployment_rules(compose):
     assert compose_problems(compose) == []
+
+
+def test_compose_file_follows_the_operations_rules(compose):
+    assert operations_problems(compose) == []
 
 
 def test_there_is_at_least_one_card_and_the_cards_are_numbered_from_zero(compose):
@@ -270,3 +344,33 @@ def test_a_schema_violation_is_reported(compose, schema):
     problems = schema_problems(broken, schema)
     assert any(p.startswith("services/web/ports") for p in problems)
     assert any("restrat" in p for p in problems)
+
+
+def test_operations_rules_report_what_an_operator_would_trip_on(compose):
+    broken = copy.deepcopy(compose)
+    services = broken["services"]
+    services["web"]["ports"] = ["8000:8000"]
+    services["minio"]["environment"]["MINIO_ROOT_PASSWORD"] = "minioadmin"
+    services["milvus"]["environment"]["COMMON_SECURITY_AUTHORIZATIONENABLED"] = "false"
+    services["redis"]["command"] = ["redis-server", "--appendonly", "yes"]
+    del services["flower"]["environment"]
+    services["worker-gpu0"]["stop_grace_period"] = "10s"
+    del services["worker-cpu"]["stop_grace_period"]
+    services["web"]["environment"]["DJANGO_CSRF_TRUSTED_ORIGINS"] = "http://localhost"
+    del services["proxy"]
+    problems = operations_problems(broken)
+    for expected in (
+        "no proxy service",
+        "web publishes 8000:8000 on every interface",
+        "web publishes a port: only the proxy may reach it",
+        "web does not derive DJANGO_CSRF_TRUSTED_ORIGINS from RMASSIMO_DOMAIN",
+        "web does not trust the https origin for CSRF",
+        "MinIO's default credentials are used",
+        "minio does not require MINIO_ROOT_PASSWORD from the environment",
+        "milvus does not require clients to sign in",
+        "redis does not require a password",
+        "flower does not require FLOWER_BASIC_AUTH from the environment",
+        "worker-gpu0 is killed 10 s after SIGTERM, before a warm shutdown (330 s)",
+        "worker-cpu is killed 10 s after SIGTERM, before a warm shutdown (330 s)",
+    ):
+        assert expected in problems

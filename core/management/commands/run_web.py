@@ -1,0 +1,101 @@
+"""manage.py run_web: several daphne processes serving the ASGI app on one socket."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from workers import launcher
+
+
+@dataclass
+class WebSpec:
+    name: str
+    fd: int
+    proxy_headers: bool
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self) -> list[str]:
+        # Twisted adopts the inherited socket (daphne's "fd:" endpoint, IPv4 only).
+        argv = [sys.executable, "-m", "daphne", "--fd", str(self.fd)]
+        if self.proxy_headers:
+            argv.append("--proxy-headers")
+        module, _, attribute = settings.ASGI_APPLICATION.rpartition(".")
+        return [*argv, f"{module}:{attribute}"]
+
+
+class WebSupervisor(launcher.Supervisor):
+    """The workers' supervisor, for daphne processes that inherit one listening socket."""
+
+    def _say(self, message: str) -> None:
+        self.out.write(f"[run_web] {message}\n")
+        self.out.flush()
+
+    def _start(self, spec: WebSpec) -> None:
+        self.procs[spec.name] = subprocess.Popen(spec.argv(), pass_fds=(spec.fd,))
+        self.started_at[spec.name] = time.monotonic()
+        self._say(f"started {spec.name} (pid {self.procs[spec.name].pid})")
+
+
+class Command(BaseCommand):
+    help = (
+        "Serve the site with several daphne processes that share one listening socket (the "
+        "kernel hands each new connection to one of them); restart any that dies; SIGTERM "
+        "or Ctrl-C stops them all."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument(
+            "--processes",
+            type=int,
+            default=settings.RMASSIMO_WEB_PROCESSES,
+            help="daphne processes (default RMASSIMO_WEB_PROCESSES or 1). Each is one event "
+            "loop on one core: more than the host's cores buys nothing.",
+        )
+        parser.add_argument(
+            "--proxy-headers",
+            action="store_true",
+            help="Take the client address from X-Forwarded-For (behind a trusted proxy only).",
+        )
+
+    def handle(self, *args, **options):
+        if options["processes"] < 1:
+            raise CommandError("--processes must be 1 or more.")
+        if ":" in options["host"]:
+            # daphne adopts an inherited socket as IPv4 only.
+            raise CommandError("--host must be an IPv4 address or name (e.g. 0.0.0.0).")
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((options["host"], options["port"]))
+        except OSError as exc:
+            raise CommandError(
+                f"Cannot listen on {options['host']}:{options['port']}: {exc}"
+            ) from exc
+        # Many clients connect at once under load: a short backlog would refuse some.
+        listener.listen(1024)
+        listener.set_inheritable(True)
+        self.stdout.write(
+            f"Serving on http://{options['host']}:{options['port']}/ with "
+            f"{options['processes']} daphne process(es)"
+        )
+        specs = [
+            WebSpec(
+                name=f"web{i}",
+                fd=listener.fileno(),
+                proxy_headers=options["proxy_headers"],
+            )
+            for i in range(options["processes"])
+        ]
+        code = WebSupervisor(specs, out=self.stdout).run()
+        listener.close()
+        if code:
+            raise CommandError("web processes stopped with errors", returncode=code)
