@@ -35,9 +35,22 @@ def _attr(value: object) -> str:
 
 
 def answer_messages(
-    *, persona: str, history: list[tuple[str, str]], hits: list[Hit], question: str
+    *,
+    persona: str,
+    history: list[tuple[str, str]],
+    hits: list[Hit],
+    question: str,
+    no_answer: str = "",
 ) -> list[dict]:
-    messages = [{"role": "system", "content": f"{persona.strip()}\n\n{GUARD}"}]
+    system = f"{persona.strip()}\n\n{GUARD}"
+    if no_answer:
+        # Retrieval found something, but maybe not the answer: the model must say so in the
+        # corpus' own words, which evaluation recognises as an abstention.
+        system += (
+            " If the passages do not hold the answer, reply with exactly this sentence and "
+            f"nothing else: {no_answer}"
+        )
+    messages = [{"role": "system", "content": system}]
     for asked, answered in history:
         messages.append({"role": "user", "content": asked})
         messages.append({"role": "assistant", "content": answered})

@@ -326,8 +326,14 @@ def search(
                 chunk_index=meta.get("chunk"),
                 title=str(meta.get("title") or ""),
                 page=meta.get("page"),
-                # Milvus Lite reports BM25 relevance negated (smaller is nearer).
-                score=round(abs(float(score)), 6),
+                # Milvus Lite reports BM25 relevance negated (smaller is nearer); a dense
+                # similarity keeps its sign (the "I don't know" threshold compares it).
+                score=round(
+                    abs(float(score))
+                    if query_mode == VectorStoreQueryMode.TEXT_SEARCH
+                    else float(score),
+                    6,
+                ),
                 text=node.get_content(),
             )
         )

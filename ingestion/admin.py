@@ -139,6 +139,17 @@ class CorpusAdmin(_DeletesThroughServices, admin.ModelAdmin):
         (None, {"fields": ["name", "slug", "description", "language", "upload_link"]}),
         ("Persona", {"fields": ["persona_prompt"]}),
         ("Models", {"fields": ["chat_model", "embed_model", "embed_dim"]}),
+        (
+            "When the corpus holds no answer",
+            {
+                "fields": [
+                    "no_answer_en",
+                    "no_answer_it",
+                    "min_relevance_bm25",
+                    "min_relevance_dense",
+                ]
+            },
+        ),
         (None, {"fields": ["created_at"]}),
     ]
 

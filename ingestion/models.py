@@ -7,6 +7,8 @@ DEFAULT_PERSONA = (
     "the language of the question, in the author's voice, using only the passages provided. "
     "If the passages do not contain the answer, say so plainly."
 )
+NO_ANSWER_EN = "I don't know: the writings I have do not answer this question."
+NO_ANSWER_IT = "Non lo so: gli scritti che ho non rispondono a questa domanda."
 
 
 class Corpus(models.Model):
@@ -29,6 +31,24 @@ class Corpus(models.Model):
         help_text="Blank: the RMASSIMO_EMBED_MODEL setting. 'none': BM25 retrieval only.",
     )
     embed_dim = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    no_answer_en = models.TextField(
+        default=NO_ANSWER_EN, help_text="The answer when the corpus holds none, in English."
+    )
+    no_answer_it = models.TextField(
+        default=NO_ANSWER_IT, help_text="The answer when the corpus holds none, in Italian."
+    )
+    min_relevance_bm25 = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="BM25 retrieval: below this best-passage score the answer is the 'no "
+        "answer' sentence, without asking the model. Blank: RMASSIMO_MIN_RELEVANCE_BM25.",
+    )
+    min_relevance_dense = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Hybrid retrieval: below this cosine similarity of the nearest passage the "
+        "answer is the 'no answer' sentence. Blank: RMASSIMO_MIN_RELEVANCE_DENSE.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

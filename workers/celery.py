@@ -1,7 +1,7 @@
 """The Celery app. Queues, in the order a GPU worker takes them:
 
 - `interactive`: questions; always first, so a question waits for at most one batch.
-- `batch`: embedding batches of ingestion jobs.
+- `batch`: embedding batches of ingestion jobs, and evaluation items.
 - `gpu.<i>`: work pinned to one card (warm-up, health).
 - `cpu`: parsing, chunking and housekeeping, on the CPU worker.
 """
@@ -21,6 +21,8 @@ app.conf.task_routes = {
     "chat.tasks.answer_question": {"queue": "interactive"},
     "chat.tasks.reap": {"queue": "cpu"},
     "ingestion.tasks.embed_batch": {"queue": "batch"},
+    # Evaluation items use the GPU like questions, but wait behind them.
+    "evaluation.tasks.evaluate_item": {"queue": "batch"},
     "ingestion.tasks.*": {"queue": "cpu"},
     "workers.tasks.*": {"queue": "cpu"},
 }
