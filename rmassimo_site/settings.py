@@ -166,10 +166,27 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
+# A websocket consumer waits for its next event in a blocking pop on Redis that the server
+# ends after RedisChannelLayer.brpop_timeout (5 s) with nothing, and the layer pops again.
+# redis-py 8 gives every connection a 5 s socket timeout by default, so the client gave
+# up just as the server was about to answer: each idle socket crashed with "Timeout
+# reading from ..." every 5 s. Reads here may take the pop's time plus a margin; past
+# that the connection is dead and is dropped. Keep-alive notices a peer that vanished.
+CHANNEL_LAYER_SOCKET_TIMEOUT_S = 15
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1500, "expiry": 60},
+        "CONFIG": {
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_S,
+                    "socket_keepalive": True,
+                }
+            ],
+            "capacity": 1500,
+            "expiry": 60,
+        },
     }
 }
 

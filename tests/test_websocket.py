@@ -386,3 +386,43 @@ def test_real_server_closes_with_a_reason(api, web_server):  # noqa: F811
         "anonymous": 4401,
         "foreign origin": 403,
     }
+
+
+# Daphne's default: an idle websocket gets a keep-alive ping after this many seconds.
+DAPHNE_PING_INTERVAL_S = 20
+
+
+def _channel_layer_timeouts() -> list[float]:
+    """Every timeout on the idle path: the layer's blocking pop on Redis and the socket
+    timeout of its Redis connections (redis-py's default when the settings give none)."""
+    from channels_redis.core import RedisChannelLayer
+    from django.conf import settings
+    from redis._defaults import DEFAULT_SOCKET_TIMEOUT
+
+    host = settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"][0]
+    options = host if isinstance(host, dict) else {}
+    return [RedisChannelLayer.brpop_timeout, options.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)]
+
+
+def test_an_idle_socket_still_carries_the_next_answer(live, api, web_server):  # noqa: F811
+    corpus = build_corpus()
+    conversation = services.conversation_create(owner=api.owner_user, corpus=corpus)
+    url = f"{web_server.ws_url}/ws/conversations/{conversation.pk}/"
+    headers = {"Authorization": f"Token {token_of(api.owner_user)}"}
+    idle_s = max(DAPHNE_PING_INTERVAL_S, *_channel_layer_timeouts()) + 3
+    log_before = len(web_server.output())
+
+    async def scenario():
+        async with ws_connect(url, additional_headers=headers, proxy=None) as ws:
+            await asyncio.sleep(idle_s)
+            posted = await sync_to_async(ask)(
+                api.owner, text="Who favours the Najdorf?", conversation=conversation.pk
+            )
+            # The same connection: a socket the server dropped while idle raises here.
+            return posted, await events_until_final(ws, posted["id"])
+
+    posted, events = async_to_sync(scenario)()
+    assert events[-1]["type"] == "done"
+    assert "".join(d["text"] for d in deltas_of(events, posted["id"])) == events[-1]["answer"]
+    log = web_server.output()[log_before:]
+    assert "Traceback" not in log and "Timeout reading" not in log, log[-3000:]
