@@ -14,7 +14,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat import services
 from chat.models import Conversation, Question
-from core import realtime
+from core import metrics, realtime
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -78,6 +78,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         self.group = realtime.group_name(conversation_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
+        metrics.websocket_opened()
         # Live events wait in this consumer's channel until connect() returns.
         for event in await _replay_events(conversation_id):
             question = event["question"]
@@ -97,6 +98,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
 
     async def disconnect(self, code):
         if self.group is not None:
+            metrics.websocket_closed()
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):

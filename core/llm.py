@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from django.conf import settings
 from llama_index.core.llms import ChatMessage
 from llama_index.embeddings.ollama import OllamaEmbedding
 from llama_index.llms.ollama import Ollama
+
+from core import metrics, tracing
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class StreamStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     eval_ms: float = 0.0
+    load_ms: float = 0.0
+    first_token_s: float | None = None
     done_reason: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -244,6 +249,7 @@ def _translated(base_url: str, model: str) -> Iterator[None]:
     except LLMError:
         raise
     except ollama.ResponseError as exc:
+        metrics.ollama_error(server=url, status=str(exc.status_code))
         if exc.status_code == 404:
             raise LLMError(
                 f"The model '{model}' is not available on the Ollama server at {url}; "
@@ -258,18 +264,21 @@ def _translated(base_url: str, model: str) -> Iterator[None]:
             url=url,
         ) from exc
     except (ConnectionError, httpx.ConnectError) as exc:
+        metrics.ollama_error(server=url, status="unreachable")
         raise LLMError(
             f"The Ollama server at {url} could not be reached; check that it is running "
             "and that OLLAMA_URLS points at it.",
             url=url,
         ) from exc
     except httpx.TimeoutException as exc:
+        metrics.ollama_error(server=url, status="timeout")
         raise LLMError(
             f"The Ollama server at {url} did not answer within "
             f"{settings.RMASSIMO_OLLAMA_TIMEOUT:g} seconds.",
             url=url,
         ) from exc
     except (httpx.HTTPError, ValueError) as exc:
+        metrics.ollama_error(server=url, status="broken")
         raise LLMError(
             f"The connection to the Ollama server at {url} broke off: {str(exc)[:200]}",
             url=url,
@@ -287,22 +296,48 @@ def stream_chat(
 
     With the embedded backend `model` and `base_url` are not used: the GGUF file answers.
     """
-    if backend().embedded:
-        from core import llm_embedded
+    # Not made the current span: a generator's caller runs between its steps.
+    with tracing.span(
+        f"chat {model}",
+        current=False,
+        gen_ai__operation__name="chat",
+        gen_ai__request__model=model,
+    ):
+        if backend().embedded:
+            from core import llm_embedded
 
-        yield from llm_embedded.stream_chat(messages, stats=stats)
-        return
-    llm = chat_model(model=model, base_url=base_url)
-    with _translated(base_url, model):
-        for chunk in llm.stream_chat(_messages(messages)):
-            raw = chunk.raw or {}
-            if chunk.delta:
-                yield chunk.delta
-            if raw.get("done"):
-                stats.prompt_tokens = int(raw.get("prompt_eval_count") or 0)
-                stats.completion_tokens = int(raw.get("eval_count") or 0)
-                stats.eval_ms = int(raw.get("eval_duration") or 0) / 1e6
-                stats.done_reason = str(raw.get("done_reason") or "")
+            yield from llm_embedded.stream_chat(messages, stats=stats)
+            _record_call(backend().model, stats)
+            return
+        llm = chat_model(model=model, base_url=base_url)
+        sent = time.monotonic()
+        with _translated(base_url, model):
+            for chunk in llm.stream_chat(_messages(messages)):
+                raw = chunk.raw or {}
+                if chunk.delta:
+                    if stats.first_token_s is None:
+                        stats.first_token_s = time.monotonic() - sent
+                    yield chunk.delta
+                if raw.get("done"):
+                    stats.prompt_tokens = int(raw.get("prompt_eval_count") or 0)
+                    stats.completion_tokens = int(raw.get("eval_count") or 0)
+                    stats.eval_ms = int(raw.get("eval_duration") or 0) / 1e6
+                    stats.load_ms = int(raw.get("load_duration") or 0) / 1e6
+                    stats.done_reason = str(raw.get("done_reason") or "")
+                    _record_call(model, stats)
+
+
+def _record_call(model: str, stats: StreamStats) -> None:
+    from workers import identity
+
+    metrics.model_call(
+        model=model,
+        gpu=identity.gpu_label(),
+        first_token_s=stats.first_token_s,
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        load_s=stats.load_ms / 1000,
+    )
 
 
 def complete_chat(messages: list[dict], *, model: str, base_url: str) -> str:
@@ -335,8 +370,11 @@ def embed_texts(texts: list[str], *, model: str, base_url: str) -> list[list[flo
 def embed_query(text: str, *, model: str, base_url: str) -> list[float]:
     _no_embeddings_when_embedded(model)
     emb = embedder(model=model, base_url=base_url)
-    with _translated(base_url, model):
-        return emb.get_query_embedding(text)
+    with tracing.span(
+        f"embeddings {model}", gen_ai__operation__name="embeddings", gen_ai__request__model=model
+    ):
+        with _translated(base_url, model):
+            return emb.get_query_embedding(text)
 
 
 def embedding_dim(*, model: str, base_url: str) -> int:

@@ -7,6 +7,7 @@ writes are upserts, so a batch run twice ends in the same state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -19,6 +20,8 @@ from llama_index.vector_stores.milvus import MilvusVectorStore
 from llama_index.vector_stores.milvus.utils import BM25BuiltInFunction
 from pymilvus import MilvusClient, MilvusException
 
+from core import metrics, tracing
+
 logger = logging.getLogger(__name__)
 
 # RRF needs no score calibration between BM25 and cosine, which live on unrelated scales.
@@ -29,6 +32,30 @@ _CONNECT_TIMEOUT_S = 5.0
 
 class VectorStoreError(Exception):
     """A vector store failure, worded for the person who asked."""
+
+
+def _measured(operation: str):
+    """Time a call to Milvus and count its failures (rmassimo_milvus_*)."""
+
+    def wrap(function):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            failed = False
+            try:
+                with tracing.span(
+                    f"milvus {operation}", db__system="milvus", db__operation=operation
+                ):
+                    return function(*args, **kwargs)
+            except (VectorStoreError, MilvusException):
+                failed = True
+                raise
+            finally:
+                metrics.milvus_call(operation, time.perf_counter() - started, failed=failed)
+
+        return call
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -179,6 +206,7 @@ def store(corpus_id: int, *, dim: int | None) -> _Store:
     return built
 
 
+@_measured("has_dense")
 def has_dense(corpus_id: int) -> bool:
     try:
         client = _client()
@@ -188,6 +216,7 @@ def has_dense(corpus_id: int) -> bool:
         raise _unreachable(exc) from exc
 
 
+@_measured("upsert")
 def upsert_chunks(
     corpus_id: int, chunks: list[Chunk], embeddings: list[list[float]] | None
 ) -> None:
@@ -226,6 +255,7 @@ def upsert_chunks(
         raise _unreachable(exc) from exc
 
 
+@_measured("flush")
 def flush(corpus_id: int) -> None:
     """Seal what was written so that it is searched through the indexes.
 
@@ -241,6 +271,7 @@ def flush(corpus_id: int) -> None:
         raise _unreachable(exc) from exc
 
 
+@_measured("delete")
 def delete_document(corpus_id: int, document_id: int, *, from_chunk: int | None = None) -> None:
     """Delete a document's vectors; with `from_chunk`, only its chunks from that index on."""
     client = _client()
@@ -255,6 +286,7 @@ def delete_document(corpus_id: int, document_id: int, *, from_chunk: int | None 
         raise _unreachable(exc) from exc
 
 
+@_measured("count")
 def count(corpus_id: int, *, document_id: int | None = None) -> int:
     client = _client()
     name = collection_name(corpus_id)
@@ -268,6 +300,7 @@ def count(corpus_id: int, *, document_id: int | None = None) -> int:
     return int(rows[0]["count(*)"]) if rows else 0
 
 
+@_measured("drop")
 def drop_corpus(corpus_id: int) -> None:
     client = _client()
     name = collection_name(corpus_id)
@@ -282,6 +315,7 @@ def drop_corpus(corpus_id: int) -> None:
         _shapes.pop((settings.MILVUS_URI, name), None)
 
 
+@_measured("search")
 def search(
     corpus_id: int,
     *,

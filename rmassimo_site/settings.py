@@ -32,6 +32,8 @@ if not DEBUG:
         raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS must be set when DJANGO_DEBUG is off.")
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+    # Prometheus scrapes inside the private network, over plain HTTP.
+    SECURE_REDIRECT_EXEMPT = [r"^metrics$"]
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
     SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=60 * 60 * 24 * 30)
@@ -70,6 +72,20 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+
+# Metrics (core/metrics.py, docs/operations.md): RMASSIMO_METRICS=0 records nothing.
+RMASSIMO_METRICS = env.bool("RMASSIMO_METRICS", default=True)
+# GET /metrics answers staff sessions, and `Authorization: Bearer <this>` when it is set.
+RMASSIMO_METRICS_TOKEN = env.str("RMASSIMO_METRICS_TOKEN", default="")
+# run_workers serves the CPU worker's metrics here and card N's worker's on this + 1 + N.
+RMASSIMO_METRICS_PORT = env.int("RMASSIMO_METRICS_PORT", default=9464)
+if RMASSIMO_METRICS:
+    # Requests by view, method and status, and their latency (django-prometheus).
+    MIDDLEWARE = [
+        "django_prometheus.middleware.PrometheusBeforeMiddleware",
+        *MIDDLEWARE,
+        "django_prometheus.middleware.PrometheusAfterMiddleware",
+    ]
 
 ROOT_URLCONF = "rmassimo_site.urls"
 TEMPLATES = [

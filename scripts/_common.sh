@@ -193,3 +193,14 @@ ensure_chromium() {
   echo "are skipped. Install it (sudo apt-get install chromium) to run them." >&2
   export RMASSIMO_SKIP_BROWSER=1
 }
+
+# The metrics tests check the alert rules with promtool and scrape the processes with a
+# real Prometheus (Debian's package has both); without them those tests are skipped.
+ensure_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    return 0
+  fi
+  apt_install prometheus >/dev/null && command -v promtool >/dev/null 2>&1 && return 0
+  echo "WARNING: no prometheus/promtool and no way to install them here: the tests that" >&2
+  echo "need them are skipped. Install them (sudo apt-get install prometheus) to run them." >&2
+}

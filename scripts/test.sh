@@ -9,6 +9,7 @@ source scripts/_common.sh
 setup_venv
 ensure_redis
 ensure_chromium
+ensure_prometheus
 if [ -z "${DATABASE_URL:-}" ] && postgres_answers; then
   export DATABASE_URL="postgres://postgres@127.0.0.1:5432/rmassimo"
 fi

@@ -135,6 +135,8 @@ def operations_problems(compose: dict) -> list[str]:
         ("milvus", "COMMON_SECURITY_DEFAULTROOTPASSWORD"),
         ("postgres", "POSTGRES_PASSWORD"),
         ("flower", "FLOWER_BASIC_AUTH"),
+        ("grafana", "GF_SECURITY_ADMIN_PASSWORD"),
+        ("web", "RMASSIMO_METRICS_TOKEN"),
     }
     for name, variable in sorted(required):
         value = _environment(services.get(name) or {}).get(variable, "")

@@ -1,6 +1,8 @@
-"""A page in the Django admin listing the GPU workers (the same data as GET /api/v1/workers/)."""
+"""Pages in the Django admin: the GPU workers (the same data as GET /api/v1/workers/), and
+the fleet's last hour drawn, for people who run no Prometheus."""
 
 from django.contrib import admin
+from django.http import JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 
@@ -16,5 +18,18 @@ def workers_view(request):
     return TemplateResponse(request, "admin/workers/workers.html", context)
 
 
+def fleet_view(request):
+    context = {**admin.site.each_context(request), "title": "Fleet: the last hour"}
+    return TemplateResponse(request, "admin/workers/fleet.html", context)
+
+
+def fleet_data_view(request):
+    return JsonResponse(selectors.fleet_history())
+
+
 def urls():
-    return [path("workers/", admin.site.admin_view(workers_view), name="gpu-workers")]
+    return [
+        path("workers/", admin.site.admin_view(workers_view), name="gpu-workers"),
+        path("workers/fleet/", admin.site.admin_view(fleet_view), name="fleet"),
+        path("workers/fleet/data/", admin.site.admin_view(fleet_data_view), name="fleet-data"),
+    ]

@@ -145,6 +145,7 @@ class Heartbeat(threading.Thread):
         while not self.stopping.is_set():
             try:
                 beat(queues=self.queues)
+                self._sample_fleet()
                 if self.control is not None and identity.gpu_label() != "cpu":
                     self._follow_health()
             except redis.RedisError:
@@ -152,6 +153,11 @@ class Heartbeat(threading.Thread):
             except Exception:  # noqa: BLE001 - the heartbeat must outlive any hiccup
                 logger.exception("heartbeat step failed")
             self.stopping.wait(settings.RMASSIMO_HEARTBEAT_S)
+
+    def _sample_fleet(self) -> None:
+        from workers import fleet
+
+        fleet.sample_queues()
 
     def _follow_health(self) -> None:
         from core import llm

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from workers.gpus import Gpu
 
@@ -26,6 +28,8 @@ class WorkerSpec:
     concurrency: int
     env: dict[str, str] = field(default_factory=dict)
     loglevel: str = "info"
+    # Where its metrics are served (None: not served); see metrics_port().
+    metrics_port: int | None = None
 
     def argv(self) -> list[str]:
         return [
@@ -51,7 +55,22 @@ class WorkerSpec:
         ]
 
 
-def gpu_worker(gpu: Gpu, ollama_url: str, *, slots: int, loglevel: str = "info") -> WorkerSpec:
+def metrics_port(base: int | None, gpu: Gpu | None) -> int | None:
+    """The CPU worker serves its metrics on `base`, card N's worker on base + 1 + N: fixed
+    ports, so a scrape config can name them without discovery."""
+    if not base:
+        return None
+    return base if gpu is None else base + 1 + gpu.index
+
+
+def gpu_worker(
+    gpu: Gpu,
+    ollama_url: str,
+    *,
+    slots: int,
+    loglevel: str = "info",
+    metrics_base: int | None = None,
+) -> WorkerSpec:
     host = socket.gethostname()
     name = f"{gpu.label}@{host}"
     return WorkerSpec(
@@ -59,6 +78,7 @@ def gpu_worker(gpu: Gpu, ollama_url: str, *, slots: int, loglevel: str = "info")
         queues=["interactive", "batch", f"gpu.{gpu.index}"],
         concurrency=slots,
         loglevel=loglevel,
+        metrics_port=metrics_port(metrics_base, gpu),
         env={
             "CUDA_VISIBLE_DEVICES": gpu.cuda_visible_devices,
             "RMASSIMO_WORKER_GPU": gpu.label,
@@ -68,13 +88,16 @@ def gpu_worker(gpu: Gpu, ollama_url: str, *, slots: int, loglevel: str = "info")
     )
 
 
-def cpu_worker(*, concurrency: int, loglevel: str = "info") -> WorkerSpec:
+def cpu_worker(
+    *, concurrency: int, loglevel: str = "info", metrics_base: int | None = None
+) -> WorkerSpec:
     name = f"cpu@{socket.gethostname()}"
     return WorkerSpec(
         name=name,
         queues=["cpu"],
         concurrency=concurrency,
         loglevel=loglevel,
+        metrics_port=metrics_port(metrics_base, None),
         # The CPU worker never runs a model: keep any CUDA library away from the cards.
         env={
             "CUDA_VISIBLE_DEVICES": "",
@@ -87,9 +110,12 @@ def cpu_worker(*, concurrency: int, loglevel: str = "info") -> WorkerSpec:
 class Supervisor:
     """Runs the workers, restarts one that dies, and shuts all down warmly on SIGTERM/SIGINT."""
 
-    def __init__(self, specs: list[WorkerSpec], *, out=sys.stdout) -> None:
+    def __init__(
+        self, specs: list[WorkerSpec], *, out=sys.stdout, metrics_root: Path | None = None
+    ) -> None:
         self.specs = specs
         self.out = out
+        self.metrics_root = metrics_root
         self.procs: dict[str, subprocess.Popen] = {}
         self.started_at: dict[str, float] = {}
         self.restarts: dict[str, int] = {}
@@ -99,13 +125,27 @@ class Supervisor:
         self.out.write(f"[run_workers] {message}\n")
         self.out.flush()
 
+    def metrics_env(self, spec: WorkerSpec) -> dict[str, str]:
+        """A worker's metrics: its port, and a multiprocess directory of its own, emptied
+        at each start (its processes' files are summed by its main process)."""
+        if spec.metrics_port is None or self.metrics_root is None:
+            return {}
+        directory = self.metrics_root / spec.name.split("@")[0]
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        return {
+            "PROMETHEUS_MULTIPROC_DIR": str(directory),
+            "RMASSIMO_METRICS_PORT": str(spec.metrics_port),
+        }
+
     def _start(self, spec: WorkerSpec) -> None:
-        env = {**os.environ, **spec.env}
+        env = {**os.environ, **spec.env, **self.metrics_env(spec)}
         self.procs[spec.name] = subprocess.Popen(spec.argv(), env=env)
         self.started_at[spec.name] = time.monotonic()
+        metrics = f", metrics on port {spec.metrics_port}" if "RMASSIMO_METRICS_PORT" in env else ""
         self._say(
             f"started {spec.name} (pid {self.procs[spec.name].pid}) on queues "
-            f"{','.join(spec.queues)}"
+            f"{','.join(spec.queues)}{metrics}"
         )
 
     def _stop(self, signum, frame) -> None:  # noqa: ARG002

@@ -6,7 +6,8 @@ import logging
 
 from celery import signals
 
-from workers import health
+from core import metrics
+from workers import health, identity
 
 logger = logging.getLogger(__name__)
 _heartbeat: health.Heartbeat | None = None
@@ -19,6 +20,20 @@ def _start_heartbeat(sender=None, **kwargs) -> None:
     health.set_healthy()
     _heartbeat = health.Heartbeat(queues=queues, node=sender.hostname, control=sender.app.control)
     _heartbeat.start()
+    _start_metrics_exporter(sender)
+
+
+def _start_metrics_exporter(consumer) -> None:
+    controller = getattr(consumer, "controller", None)
+    slots = int(getattr(controller, "concurrency", None) or 1)
+    try:
+        port = metrics.start_worker_exporter(gpu=identity.gpu_label(), slots=slots)
+    except OSError:
+        # The port is taken (another worker, a previous run): the worker still works.
+        logger.exception("could not serve this worker's metrics")
+        return
+    if port:
+        logger.info("metrics of %s on port %s", consumer.hostname, port)
 
 
 @signals.worker_shutdown.connect
@@ -60,3 +75,37 @@ def _job_finished(**kwargs) -> None:
         health.job_finished()
     except Exception:  # noqa: BLE001
         logger.debug("could not record the job end", exc_info=True)
+
+
+# --- metrics: task counts, queue wait and card busy time, from Celery's own signals -----
+
+
+@signals.before_task_publish.connect
+def _stamp_published(headers=None, **kwargs) -> None:
+    metrics.task_published(headers)
+
+
+@signals.task_prerun.connect
+def _metrics_task_started(task=None, **kwargs) -> None:
+    try:
+        metrics.task_started(task, identity.gpu_label())
+    except Exception:  # noqa: BLE001 - figures must never fail a job
+        logger.debug("could not record a task start", exc_info=True)
+
+
+_STATES = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}
+
+
+@signals.task_postrun.connect
+def _metrics_task_ended(task=None, state=None, **kwargs) -> None:
+    try:
+        metrics.task_ended(task, _STATES.get(str(state), str(state).lower()), identity.gpu_label())
+    except Exception:  # noqa: BLE001
+        logger.debug("could not record a task end", exc_info=True)
+
+
+@signals.worker_process_shutdown.connect
+def _metrics_child_exited(pid=None, **kwargs) -> None:
+    import os
+
+    metrics.child_exited(pid or os.getpid())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,7 +40,15 @@ class WebSupervisor(launcher.Supervisor):
         self.out.flush()
 
     def _start(self, spec: WebSpec) -> None:
-        self.procs[spec.name] = subprocess.Popen(spec.argv(), pass_fds=(spec.fd,))
+        old = self.procs.get(spec.name)
+        if old is not None and spec.env.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Its open-websocket gauge must not be summed after it died.
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(old.pid, spec.env["PROMETHEUS_MULTIPROC_DIR"])
+        self.procs[spec.name] = subprocess.Popen(
+            spec.argv(), pass_fds=(spec.fd,), env={**os.environ, **spec.env}
+        )
         self.started_at[spec.name] = time.monotonic()
         self._say(f"started {spec.name} (pid {self.procs[spec.name].pid})")
 
@@ -92,6 +102,7 @@ class Command(BaseCommand):
                 name=f"web{i}",
                 fd=listener.fileno(),
                 proxy_headers=options["proxy_headers"],
+                env=self._metrics_env(),
             )
             for i in range(options["processes"])
         ]
@@ -99,3 +110,15 @@ class Command(BaseCommand):
         listener.close()
         if code:
             raise CommandError("web processes stopped with errors", returncode=code)
+
+    def _metrics_env(self) -> dict[str, str]:
+        """One multiprocess directory for all the daphne processes, emptied at start: a
+        scrape of /metrics reaches one of them, which answers for all (core/metrics.py)."""
+        if not settings.RMASSIMO_METRICS:
+            return {}
+        directory = settings.VAR_DIR / "metrics" / "web"
+        if not getattr(self, "_metrics_dir_ready", False):
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            self._metrics_dir_ready = True
+        return {"PROMETHEUS_MULTIPROC_DIR": str(directory)}

@@ -30,23 +30,38 @@ class Command(BaseCommand):
             help="Jobs at once per GPU (default RMASSIMO_GPU_SLOTS or 1).",
         )
         parser.add_argument("--loglevel", default="info")
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=settings.RMASSIMO_METRICS_PORT,
+            help="Serve the CPU worker's metrics on this port and card N's worker's on "
+            "port + 1 + N (default RMASSIMO_METRICS_PORT or 9464; 0: not served).",
+        )
 
     def handle(self, *args, **options):
         loglevel = options["loglevel"]
+        metrics_base = options["metrics_port"] if settings.RMASSIMO_METRICS else 0
         specs = []
         if not options["cpu_only"]:
-            specs.extend(self._gpu_specs(options["gpu"], options["slots"], loglevel))
+            specs.extend(
+                self._gpu_specs(options["gpu"], options["slots"], loglevel, metrics_base)
+            )
         if options["cpu_only"] or not (options["no_cpu"] or options["gpu"] is not None):
             specs.append(
                 launcher.cpu_worker(
-                    concurrency=settings.RMASSIMO_CPU_CONCURRENCY, loglevel=loglevel
+                    concurrency=settings.RMASSIMO_CPU_CONCURRENCY,
+                    loglevel=loglevel,
+                    metrics_base=metrics_base,
                 )
             )
-        code = launcher.Supervisor(specs, out=self.stdout).run()
+        supervisor = launcher.Supervisor(
+            specs, out=self.stdout, metrics_root=settings.VAR_DIR / "metrics"
+        )
+        code = supervisor.run()
         if code:
             raise CommandError("workers stopped with errors", returncode=code)
 
-    def _gpu_specs(self, only: int | None, slots: int, loglevel: str):
+    def _gpu_specs(self, only: int | None, slots: int, loglevel: str, metrics_base: int):
         try:
             if only is not None:
                 found = [gpus.pinned_gpu(only)]
@@ -80,5 +95,8 @@ class Command(BaseCommand):
             )
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
         return [
-            launcher.gpu_worker(g, urls[g.index], slots=slots, loglevel=loglevel) for g in found
+            launcher.gpu_worker(
+                g, urls[g.index], slots=slots, loglevel=loglevel, metrics_base=metrics_base
+            )
+            for g in found
         ]

@@ -1,0 +1,292 @@
+"""Metrics from the real processes: daphne and a Celery worker with two pool processes
+(prefork) on the real broker, a real Prometheus scraping them through the repository's
+scrape config and rules, and the admin's fleet page in Chromium.
+
+The worker runs with the fake NVML of tests/fake_nvml first on its PYTHONPATH, so it
+reports two cards' telemetry as a worker on a GPU host would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from rest_framework.authtoken.models import Token
+
+from tests import conftest
+from tests.browser import ARTIFACTS, Daphne, chromium  # noqa: F401  (fixture)
+from tests.corpus import build_corpus
+from tests.processes import ROOT, Worker, free_port, stop, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TOKEN = "metrics-test-token"
+MONITORING = ROOT / "monitoring"
+DASHBOARD = MONITORING / "grafana" / "dashboards" / "rmassimo-fleet.json"
+WORKER = "gpu0@observed"
+QUEUES = ["interactive", "batch", "gpu.0", "cpu"]
+
+
+def _session_worker(action: str) -> None:
+    """Pause or resume the suite's worker, so this module's worker takes every task."""
+    from workers.celery import app
+
+    if not conftest._session_worker_started:  # noqa: SLF001
+        return
+    for queue in conftest.SESSION_QUEUES:
+        getattr(app.control, action)(
+            queue, destination=[conftest.SESSION_WORKER], reply=True, timeout=10
+        )
+
+
+class Observed:
+    def __init__(self, worker: Worker, web: Daphne, metrics_port: int, stub) -> None:
+        self.worker = worker
+        self.web = web
+        self.worker_metrics = f"127.0.0.1:{metrics_port}"
+        self.stub = stub
+
+    def scrape_worker(self) -> dict:
+        return parse(httpx.get(f"http://{self.worker_metrics}/metrics", timeout=10).text)
+
+    def scrape_web(self) -> dict:
+        response = httpx.get(
+            f"{self.web.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+        )
+        assert response.status_code == 200, response.text
+        return parse(response.text)
+
+
+def parse(text: str) -> dict:
+    """{(name, frozenset(labels)): value} for every sample."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """The sum of the samples named `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+@pytest.fixture(scope="module")
+def observed(django_db_setup, django_db_blocker, milvus, ollama, var_dir):
+    port = free_port()
+    multiproc = Path(tempfile.mkdtemp(prefix="metrics-", dir=var_dir))
+    _session_worker("cancel_consumer")
+    worker = web = None
+    try:
+        with django_db_blocker.unblock():
+            worker = Worker(
+                name=WORKER,
+                queues=QUEUES,
+                ollama_url=ollama.url,
+                concurrency=2,
+                log_dir=var_dir / "logs",
+                extra_env={
+                    "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+                    "RMASSIMO_METRICS_PORT": str(port),
+                    "PYTHONPATH": f"{ROOT / 'tests' / 'fake_nvml'}{os.pathsep}{ROOT}",
+                    "CUDA_VISIBLE_DEVICES": "GPU-fake-0000",
+                },
+            )
+            web = Daphne(
+                log_dir=var_dir / "logs",
+                extra_env={"RMASSIMO_METRICS_TOKEN": TOKEN, "OLLAMA_URLS": ollama.url},
+            )
+        wait_for(
+            lambda: b"rmassimo_gpu_slots" in httpx.get(f"http://127.0.0.1:{port}/metrics").content,
+            timeout=30,
+            what="the worker's metrics",
+        )
+        yield Observed(worker, web, port, ollama)
+    finally:
+        if web is not None:
+            web.stop()
+        if worker is not None:
+            worker.stop()
+        _session_worker("add_consumer")
+        shutil.rmtree(multiproc, ignore_errors=True)
+
+
+@pytest.fixture
+def asker(observed, stub, make_user):
+    user = make_user("asker")
+    key = Token.objects.create(user=user).key
+    client = httpx.Client(
+        base_url=observed.web.url, headers={"Authorization": f"Token {key}"}, timeout=30
+    )
+    client.key = key
+    yield client
+    client.close()
+
+
+def ask_and_wait(client, corpus_slug: str, text: str) -> dict:
+    posted = client.post("/api/v1/questions/", json={"text": text, "corpus": corpus_slug})
+    assert posted.status_code == 202, posted.text
+    qid = posted.json()["id"]
+
+    def final():
+        data = client.get(f"/api/v1/questions/{qid}/").json()
+        return data if data["status"] in ("done", "failed", "cancelled") else None
+
+    return wait_for(final, timeout=60, interval=0.1, what=f"question {qid}")
+
+
+def test_a_killed_pool_process_loses_none_of_its_figures(observed, asker, stub):
+    from tests.ingestion_helpers import kill_pool_child, wait_new_child
+
+    build_corpus(slug="observed")
+    for i in range(2):
+        ask_and_wait(asker, "observed", f"Before the kill {i}?")
+    before = value(
+        observed.scrape_worker(),
+        "rmassimo_celery_tasks_total",
+        task="chat.tasks.answer_question",
+        state="succeeded",
+    )
+    killed = kill_pool_child(observed.worker)
+    wait_new_child(observed.worker, killed)
+    after = value(
+        observed.scrape_worker(),
+        "rmassimo_celery_tasks_total",
+        task="chat.tasks.answer_question",
+        state="succeeded",
+    )
+    assert after == before
+
+
+def test_websocket_connections_are_counted(observed, asker):
+    import websockets
+
+    corpus = build_corpus(slug="observed")
+    conversation = asker.post("/api/v1/conversations/", json={"corpus": corpus.slug}).json()["id"]
+    url = f"{observed.web.ws_url}/ws/conversations/{conversation}/?token={asker.key}"
+
+    def open_now():
+        return value(observed.scrape_web(), "rmassimo_websocket_connections")
+
+    base = open_now()
+
+    async def hold():
+        async with websockets.connect(url):
+            wait_for(lambda: open_now() == base + 1, timeout=10, what="the gauge to count it")
+        wait_for(lambda: open_now() == base, timeout=10, what="the gauge to drop it")
+
+    asyncio.run(hold())
+
+
+# --- a real Prometheus through the repository's scrape config and rules ----------------------
+
+
+def dashboard_queries() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in board["panels"] for t in p["targets"]]
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\b((?:rmassimo|gen_ai|django)_[a-z0-9_]+)\b", expr))
+
+
+@pytest.fixture
+def prometheus(observed, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip(
+            "prometheus is not installed (Debian package prometheus; scripts/test.sh installs it)"
+        )
+    config = yaml.safe_load((MONITORING / "prometheus" / "prometheus.yml").read_text())
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    config["global"].update({"scrape_interval": "1s", "evaluation_interval": "1s"})
+    config["rule_files"] = [str(MONITORING / "prometheus" / name) for name in config["rule_files"]]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    # Same jobs, paths and credentials as deployed; only the addresses are this test's.
+    jobs["rmassimo-web"]["static_configs"] = [{"targets": [observed.web.url.split("//")[1]]}]
+    jobs["rmassimo-web"]["authorization"]["credentials_file"] = str(token_file)
+    jobs["rmassimo-workers"]["static_configs"] = [{"targets": [observed.worker_metrics]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError((tmp_path / "prometheus.log").read_text()[-2000:])
+        try:
+            return httpx.get(f"{base}/-/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, timeout=60, interval=0.2, what="Prometheus to start")
+        yield base
+    finally:
+        stop(proc)
+
+
+# --- the admin's fleet page -----------------------------------------------------------------
+
+
+def test_fleet_page_draws_the_last_hour(observed, asker, stub, chromium, django_user_model):  # noqa: F811
+    build_corpus(slug="observed")
+    for i in range(2):
+        ask_and_wait(asker, "observed", f"Fleet page question {i} about chess?")
+    django_user_model.objects.create_user("fleetboss", password="pw-fleetboss", is_staff=True)
+    django_user_model.objects.create_user("fleetuser", password="pw-fleetuser")
+
+    context = chromium.new_context(
+        base_url=observed.web.url, viewport={"width": 1280, "height": 1800}
+    )
+    try:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+
+        def login(username):
+            page.goto("/admin/login/?next=/admin/workers/fleet/")
+            page.fill("#id_username", username)
+            page.fill("#id_password", f"pw-{username}")
+            page.click("input[type=submit]")
+
+        login("fleetuser")
+        assert "/admin/login/" in page.url  # not staff: not in
+        login("fleetboss")
+        page.wait_for_url("**/admin/workers/fleet/")
+        page.wait_for_function("Number(document.getElementById('fleet').dataset.drawn || 0) >= 1")
+        assert page.locator("#fleet canvas").count() >= 4
+        assert WORKER in page.locator("#fleet-workers").inner_text()
+        # It refreshes itself.
+        page.wait_for_function(
+            "Number(document.getElementById('fleet').dataset.drawn || 0) >= 2", timeout=30_000
+        )
+        page.screenshot(path=str(ARTIFACTS / "admin-fleet.png"), full_page=True)
+        data = page.evaluate("fetch('/admin/workers/fleet/data/').then(r => r.json())")
+        assert sum(data["busy"]["series"]["gpu0"]) > 0
+        assert any(v is not None for v in data["first_token"]["p50"])
+        assert data["queues"]["x"], "no queue depth sample"
+    finally:
+        context.close()
