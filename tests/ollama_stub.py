@@ -10,13 +10,24 @@ Ollama's JSON shapes, status codes and error bodies, for the real ``ollama`` cli
   the length, a ``[[tokens=N]]`` directive anywhere in the request overrides it and
   ``options.num_predict`` caps it (done_reason "length").  think/format/tools are ignored.
 * Embeddings are a hashed bag of words, stable across processes: shared words, close vectors.
-* ``latency`` (load + prompt eval), ``tps`` (pacing), ``parallel`` (OLLAMA_NUM_PARALLEL;
-  embeddings share the slots), failures (``fail_status``, ``fail_message``, ``fail_count``)
-  and hung streams (``stall_after``, ``stall_seconds``).  Stubs with different ``name``
-  labels stand for different GPUs.
+* ``latency`` (prompt eval), ``tps`` (pacing), ``parallel`` (OLLAMA_NUM_PARALLEL, per
+  loaded model), failures (``fail_status``, ``fail_message``, ``fail_count``, and
+  ``error_after``: an ``{"error"}`` line after that many streamed tokens) and hung streams
+  (``stall_after``, ``stall_seconds``).  Stubs with different ``name`` labels stand for
+  different GPUs.
+* The scheduler, as a simulation of what placement depends on: ``gpus`` (each card's
+  memory), ``models`` (per model: ``size``, ``load_s``, ``prompt_tps``, ``tps``),
+  ``keep_alive`` (OLLAMA_KEEP_ALIVE), ``max_loaded`` (OLLAMA_MAX_LOADED_MODELS),
+  ``max_queue`` (OLLAMA_MAX_QUEUE), ``num_ctx`` (OLLAMA_CONTEXT_LENGTH) and ``time_scale``
+  (every simulated duration is multiplied by it, so a bench of hours runs in minutes).
+  A model that is not resident is loaded before its first token, evicting the least
+  recently used idle model when memory is short; ``/api/ps`` lists resident models; each
+  load and unload is logged in ``events``.  docs/ollama-simulator.md maps every setting
+  to the Ollama behaviour it mirrors.
 
 Behaviour changes at run time through ``configure()`` or, for a stub in another process,
-``GET/POST /_stub/config`` and ``GET/DELETE /_stub/calls``.  CLI: ``--help``.
+``GET/POST /_stub/config``, ``GET/DELETE /_stub/calls`` and ``GET/DELETE /_stub/events``.
+CLI: ``--help``.
 """
 
 import argparse
@@ -49,7 +60,19 @@ DEFAULTS = {
     "fail_count": 0,
     "stall_after": None,
     "stall_seconds": 30.0,
+    "error_after": None,
+    # the simulated scheduler (see docs/ollama-simulator.md)
+    "gpus": None,
+    "models": {},
+    "keep_alive": 300.0,
+    "max_loaded": None,
+    "max_queue": None,
+    "num_ctx": 4096,
+    "time_scale": 1.0,
 }
+# Ollama's own words (server/sched.go ErrMaxQueue)
+MAX_QUEUE_ERROR = "server busy, please try again.  maximum pending requests exceeded"
+FOREVER = "2318-11-26T00:00:00Z"  # what /api/ps shows for keep_alive -1
 TOKENS_DIRECTIVE = re.compile(r"\[\[tokens=(\d+)\]\]")
 WORD = re.compile(r"[^\W_]+")  # letters and digits in any script, so "città" is one word
 FAILING_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
@@ -98,8 +121,45 @@ def nanos(seconds):
     return max(1, int(seconds * 1_000_000_000))
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def keep_alive_seconds(value):
+    """Ollama's keep_alive: seconds as a JSON number, or a Go duration string ("5m",
+    "1h30m", "0"); negative keeps the model for ever (returned as -1), 0 unloads it."""
+    if isinstance(value, bool):
+        raise StubError(400, "json: cannot unmarshal bool into keep_alive")
+    if isinstance(value, (int, float)):
+        return -1.0 if value < 0 else float(value)
+    text = str(value).strip()
+    body = text.lstrip("+-")
+    parts = _DURATION_PART.findall(body)
+    if body == "0":
+        return 0.0
+    if not parts or "".join(n + u for n, u in parts) != body:
+        # Go's time.ParseDuration, as Ollama uses it: "-1" as a string has no unit
+        raise StubError(400, f'time: missing unit in duration "{text}"')
+    return -1.0 if text.startswith("-") else sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
 class StubError(Exception):
     """An error answer: StubError(status, message)."""
+
+
+class _Runner:
+    """One model resident on the simulated server, like a runnerRef in Ollama's scheduler."""
+
+    def __init__(self, model, size, alloc, num_ctx):
+        self.model = model
+        self.size = size
+        self.alloc = alloc  # card index -> bytes
+        self.num_ctx = num_ctx
+        self.loading = True
+        self.refs = 0  # requests using it now
+        self.last_used = time.monotonic()
+        self.expires = None  # monotonic deadline once idle; None: never
+        self.expires_at = FOREVER
 
 
 class OllamaStub:
@@ -109,8 +169,11 @@ class OllamaStub:
         self.host, self.port = host, port
         self._lock = threading.Lock()
         self._slots = threading.Condition(self._lock)
-        self._active = 0
         self._config = dict(DEFAULTS)
+        self._runners = {}  # canonical model name -> _Runner
+        self._loading = False  # Ollama's scheduler loads one model at a time
+        self._pending = 0  # requests waiting for a model or a slot (OLLAMA_MAX_QUEUE)
+        self._events = []
         self._calls = []
         self._conns = set()
         self._stopped = threading.Event()
@@ -156,6 +219,10 @@ class OllamaStub:
             if key in behaviour:
                 value = behaviour[key]
                 behaviour[key] = (value,) if isinstance(value, str) else tuple(value)
+        if "models" in behaviour:
+            behaviour["models"] = {canonical(k): dict(v) for k, v in behaviour["models"].items()}
+        if behaviour.get("gpus") is not None:
+            behaviour["gpus"] = [int(size) for size in behaviour["gpus"]]
         with self._lock:
             self._config.update(behaviour)
             self._slots.notify_all()  # a raised ``parallel`` frees queued requests
@@ -189,21 +256,178 @@ class OllamaStub:
                 cfg["fail_count"] -= 1
             return StubError(cfg["fail_status"], cfg["fail_message"])
 
+    @property
+    def events(self):
+        """Loads and unloads, oldest first: {"event", "model", "reason", "seconds", ...}."""
+        with self._lock:
+            return list(self._events)
+
+    def reset_events(self):
+        with self._lock:
+            self._events.clear()
+
+    def _event(self, event, runner, reason, seconds=0.0):
+        entry = {"event": event, "model": runner.model, "reason": reason, "seconds": seconds}
+        cards = sorted(runner.alloc)
+        self._events.append(
+            {**entry, "cards": cards, "time": time.time(), "stub": self._config["name"]}
+        )
+
+    def spec(self, model):
+        """A model's simulated size, load time and speeds (``models`` over the defaults)."""
+        cfg = self._config
+        name = canonical(model)
+        embedding = name in {canonical(m) for m in cfg["embed_models"]}
+        base = {"size": CARDS[embedding][1], "load_s": 0.0, "prompt_tps": None, "tps": None}
+        return {**base, **cfg["models"].get(name, {})}
+
+    def scaled(self, seconds):
+        return max(0.0, float(seconds or 0.0)) * self._config["time_scale"]
+
+    def _unload(self, runner, reason):
+        self._runners.pop(runner.model, None)
+        self._event("unload", runner, reason)
+        self._slots.notify_all()
+
+    def _expire(self):
+        now = time.monotonic()
+        for runner in list(self._runners.values()):
+            idle = runner.refs == 0 and not runner.loading
+            if idle and runner.expires is not None and now >= runner.expires:
+                self._unload(runner, "expired")
+
+    def _place(self, size):
+        """Card index -> bytes for a model of `size`, evicting idle models (least recently
+        used first) while memory or OLLAMA_MAX_LOADED_MODELS is short; None: wait."""
+        cfg = self._config
+        cards = cfg["gpus"]
+        limit = cfg["max_loaded"] or (3 * len(cards) if cards else None)
+        if cards and size > sum(cards):
+            gib = 2**30
+            raise StubError(
+                500,
+                f"model requires more system memory ({size / gib:.1f} GiB) than is "
+                f"available ({sum(cards) / gib:.1f} GiB)",
+            )
+        while True:
+            alloc = self._fit(size, cards) if limit is None or len(self._runners) < limit else None
+            if alloc is not None:
+                return alloc
+            idle = [r for r in self._runners.values() if r.refs == 0 and not r.loading]
+            if not idle:
+                return None
+            self._unload(min(idle, key=lambda r: r.last_used), "evicted")
+
+    def _fit(self, size, cards):
+        if not cards:
+            return {}
+        free = [
+            cap - sum(r.alloc.get(i, 0) for r in self._runners.values())
+            for i, cap in enumerate(cards)
+        ]
+        order = sorted(range(len(cards)), key=lambda i: -free[i])
+        if free[order[0]] >= size:  # a model that fits one card goes on one card
+            return {order[0]: size}
+        if sum(max(0, f) for f in free) < size:
+            return None
+        # else it is spread over the cards the server sees, in proportion to their free memory
+        total = sum(max(0, f) for f in free)
+        return {i: size * free[i] // total for i in order if free[i] > 0}
+
     @contextmanager
-    def _slot(self):
+    def _use(self, model, *, num_ctx=None, keep_alive=None):
+        """Hold `model` for one request: wait for a slot, loading the model first when it
+        is not resident (or was loaded with another num_ctx). Yields the runner."""
+        name = canonical(model)
         with self._slots:
-            while True:
-                limit = self._config["parallel"]
-                if not limit or self._active < limit or self._stopped.is_set():
-                    break
-                self._slots.wait(0.1)
-            self._active += 1
+            cfg = self._config
+            if cfg["max_queue"] is not None and self._pending >= cfg["max_queue"]:
+                raise StubError(503, MAX_QUEUE_ERROR)
+            want_ctx = int(num_ctx or cfg["num_ctx"])
+            self._pending += 1
+            try:
+                runner, load = self._take(name, want_ctx)
+            finally:
+                self._pending -= 1
         try:
-            yield
+            if load:
+                seconds = self.scaled(self.spec(name)["load_s"])
+                began = time.monotonic()
+                self._stopped.wait(seconds)
+                with self._slots:
+                    runner.loading = False
+                    self._loading = False
+                    self._event("load", runner, "request", time.monotonic() - began)
+                    self._slots.notify_all()
+            yield runner
         finally:
             with self._slots:
-                self._active -= 1
+                runner.refs -= 1
+                runner.last_used = time.monotonic()
+                self._set_expiry(runner, keep_alive)
                 self._slots.notify_all()
+
+    def _take(self, name, want_ctx):
+        while not self._stopped.is_set():
+            self._expire()
+            runner = self._runners.get(name)
+            if runner is not None and runner.num_ctx != want_ctx:
+                if runner.refs or runner.loading:
+                    self._slots.wait(0.05)  # a reload waits for the runner to go idle
+                    continue
+                self._unload(runner, "num_ctx changed")
+                runner = None
+            if runner is not None:
+                limit = self._config["parallel"]
+                if runner.loading or (limit and runner.refs >= limit):
+                    self._slots.wait(0.05)
+                    continue
+                runner.refs += 1
+                return runner, False
+            if not self._loading:
+                size = int(self.spec(name)["size"])
+                alloc = self._place(size)
+                if alloc is not None:
+                    runner = _Runner(name, size, alloc, want_ctx)
+                    runner.refs = 1
+                    self._runners[name] = runner
+                    self._loading = True
+                    return runner, True
+            self._slots.wait(0.05)
+        raise StubError(500, "the server is shutting down")
+
+    def _set_expiry(self, runner, keep_alive):
+        seconds = (
+            self._config["keep_alive"] if keep_alive is None else keep_alive_seconds(keep_alive)
+        )
+        if seconds < 0:
+            runner.expires, runner.expires_at = None, FOREVER
+            return
+        runner.expires = time.monotonic() + self.scaled(seconds)
+        runner.expires_at = datetime.fromtimestamp(
+            time.time() + self.scaled(seconds), UTC
+        ).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if seconds == 0 and runner.refs == 0 and self._runners.get(runner.model) is runner:
+            self._unload(runner, "keep_alive 0")
+
+    def unload(self, model):
+        """keep_alive 0: unload now if idle, else once its running requests end."""
+        with self._slots:
+            runner = self._runners.get(canonical(model))
+            if runner is None:
+                return
+            if runner.refs or runner.loading:
+                runner.expires = time.monotonic()
+            else:
+                self._unload(runner, "keep_alive 0")
+
+    def resident(self):
+        """What /api/ps lists: loaded models, least recently used first."""
+        with self._lock:
+            self._expire()
+            return sorted(
+                (r for r in self._runners.values() if not r.loading), key=lambda r: r.last_used
+            )
 
 
 class _Server(ThreadingHTTPServer):
@@ -267,7 +491,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("HEAD", "/"): lambda: b"Ollama is running",
             ("GET", "/api/version"): lambda: {"version": "0.12.0"},
             ("GET", "/api/tags"): self._tags,
-            ("GET", "/api/ps"): lambda: {"models": []},
+            ("GET", "/api/ps"): self._ps,
             ("POST", "/api/show"): self._show,
             ("POST", "/api/chat"): self._chat,
             ("POST", "/api/generate"): self._generate,
@@ -277,6 +501,8 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", "/_stub/config"): self._configure,
             ("GET", "/_stub/calls"): lambda: self.stub.calls,
             ("DELETE", "/_stub/calls"): lambda: self.stub.reset_calls() or {"status": "ok"},
+            ("GET", "/_stub/events"): lambda: self.stub.events,
+            ("DELETE", "/_stub/events"): lambda: self.stub.reset_events() or {"status": "ok"},
         }
         handler = routes.get((method, path))
         length = int(self.headers.get("Content-Length") or 0)
@@ -319,10 +545,23 @@ class _Handler(BaseHTTPRequestHandler):
         listed = []
         for model, embedding in models:
             name = canonical(model)
-            details, size, _, _ = describe(embedding, cfg["embed_dim"])
+            details, _, _, _ = describe(embedding, cfg["embed_dim"])
+            size = int(self.stub.spec(name)["size"])
             digest = hashlib.sha256(name.encode()).hexdigest()
             entry = {"name": name, "model": name, "modified_at": MODIFIED_AT, "size": size}
             listed.append({**entry, "digest": digest, "details": details})
+        return {"models": listed}
+
+    def _ps(self):
+        cfg = self.stub.config
+        listed = []
+        for runner in self.stub.resident():
+            embedding = bool(self._find(runner.model, cfg))
+            details, _, _, _ = describe(embedding, cfg["embed_dim"])
+            digest = hashlib.sha256(runner.model.encode()).hexdigest()
+            entry = {"name": runner.model, "model": runner.model, "size": runner.size}
+            entry.update(digest=digest, details=details, expires_at=runner.expires_at)
+            listed.append({**entry, "size_vram": runner.size, "context_length": runner.num_ctx})
         return {"models": listed}
 
     def _show(self):
@@ -384,9 +623,14 @@ class _Handler(BaseHTTPRequestHandler):
                 out["response"] = content
             return {**out, "done": done, **extra}
 
+        options = self.body.get("options") or {}
+        num_ctx, keep_alive = options.get("num_ctx"), self.body.get("keep_alive")
         if not has_input:  # Ollama's way to load (or, with keep_alive 0, unload) a model
-            unload = self.body.get("keep_alive") in (0, "0", "0s", "0m")
-            return record("", True, done_reason="unload" if unload else "load")
+            if keep_alive is not None and keep_alive_seconds(keep_alive) == 0:
+                self.stub.unload(model)
+                return record("", True, done_reason="unload")
+            with self.stub._use(model, num_ctx=num_ctx, keep_alive=keep_alive):
+                return record("", True, done_reason="load")
 
         started = time.monotonic()
         count = cfg["reply_tokens"]
@@ -394,7 +638,7 @@ class _Handler(BaseHTTPRequestHandler):
             for found in TOKENS_DIRECTIVE.findall(text):
                 count = int(found)
         reason = "stop"
-        num_predict = (self.body.get("options") or {}).get("num_predict")
+        num_predict = options.get("num_predict")
         if isinstance(num_predict, int) and 0 < num_predict < count:
             count, reason = num_predict, "length"
         words = TOKENS_DIRECTIVE.sub(" ", source).split() or ["..."]
@@ -403,11 +647,18 @@ class _Handler(BaseHTTPRequestHandler):
             tokens[0] = "Echo:" + tokens[0]
         stream = self.body.get("stream", True) is not False
         stall_after = cfg["stall_after"] if stream else None
+        error_after = cfg["error_after"]
         stopped = self.stub._stopped
+        prompt_count = sum(len(t.split()) for t in texts)
+        spec = self.stub.spec(model)
+        tps = spec["tps"] or cfg["tps"]
+        evaluation = cfg["latency"] + (
+            prompt_count / spec["prompt_tps"] if spec["prompt_tps"] else 0
+        )
 
-        with self.stub._slot():
+        with self.stub._use(model, num_ctx=num_ctx, keep_alive=keep_alive):
             loaded = time.monotonic()
-            stopped.wait(cfg["latency"])
+            stopped.wait(self.stub.scaled(evaluation))
             evaluated = time.monotonic()
             if stream:
                 self.send_response(200)
@@ -417,12 +668,16 @@ class _Handler(BaseHTTPRequestHandler):
             for i, token in enumerate(tokens):
                 if stall_after is not None and i >= stall_after:
                     return self._stall(cfg["stall_seconds"])
-                if cfg["tps"] and stopped.wait(1.0 / cfg["tps"]):
+                if error_after is not None and i >= error_after:
+                    return self._fail_midway(stream, cfg["fail_message"])
+                if tps and stopped.wait(self.stub.scaled(1.0 / tps)):
                     break
                 if stream:
                     self._write_chunk(record(token, False))
             if stream and stall_after is not None and stall_after >= len(tokens):
                 return self._stall(cfg["stall_seconds"])
+            if error_after is not None and error_after >= len(tokens):
+                return self._fail_midway(stream, cfg["fail_message"])
             if stopped.is_set():
                 self.close_connection = True
                 return None  # the stub went away mid-answer: no final record
@@ -432,7 +687,7 @@ class _Handler(BaseHTTPRequestHandler):
             "done_reason": reason,
             "total_duration": nanos(finished - started),
             "load_duration": nanos(loaded - started),
-            "prompt_eval_count": sum(len(t.split()) for t in texts),
+            "prompt_eval_count": prompt_count,
             "prompt_eval_duration": nanos(evaluated - loaded),
             "eval_count": len(tokens),
             "eval_duration": nanos(finished - evaluated),
@@ -440,6 +695,14 @@ class _Handler(BaseHTTPRequestHandler):
         if not stream:
             return record("".join(tokens), True, **counters)
         self._write_chunk(record("", True, **counters))
+        self.wfile.write(b"0\r\n\r\n")
+        return None
+
+    def _fail_midway(self, stream, message):
+        # Ollama reports a failure after the 200 status as one last NDJSON line.
+        if not stream:
+            raise StubError(500, message)
+        self._write_chunk({"error": message})
         self.wfile.write(b"0\r\n\r\n")
         return None
 
@@ -459,9 +722,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise StubError(400, "invalid input type")
         started = time.monotonic()
-        with self.stub._slot():
+        options = self.body.get("options") or {}
+        with self.stub._use(
+            model, num_ctx=options.get("num_ctx"), keep_alive=self.body.get("keep_alive")
+        ):
             loaded = time.monotonic()
-            self.stub._stopped.wait(cfg["embed_latency"])
+            self.stub._stopped.wait(self.stub.scaled(cfg["embed_latency"]))
             dims = self.body.get("dimensions") or 0
             vectors = []
             for text in texts:
@@ -478,12 +744,15 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
     def _embeddings(self):
-        _, cfg = self._require(True, "embeddings")
+        model, cfg = self._require(True, "embeddings")
         prompt = str(self.body.get("prompt") or "")
         if not prompt:
             return {"embedding": []}
-        with self.stub._slot():
-            self.stub._stopped.wait(cfg["embed_latency"])
+        options = self.body.get("options") or {}
+        with self.stub._use(
+            model, num_ctx=options.get("num_ctx"), keep_alive=self.body.get("keep_alive")
+        ):
+            self.stub._stopped.wait(self.stub.scaled(cfg["embed_latency"]))
             return {"embedding": embed_text(prompt, cfg["embed_dim"])}
 
     def _configure(self):
@@ -508,7 +777,11 @@ def main(argv=None):
         parser.add_argument(
             f"--{kind}-model", dest=f"{kind}_models", action="append", help=f"repeatable; {default}"
         )
+    parser.add_argument(
+        "--config", type=json.loads, help="JSON object of further settings (see DEFAULTS)"
+    )
     args = vars(parser.parse_args(argv))
+    args.update(args.pop("config") or {})
     if args["parallel"] == 0:
         args["parallel"] = None  # 0 means unlimited, like OLLAMA_NUM_PARALLEL unset
     stub = OllamaStub(**{key: value for key, value in args.items() if value is not None}).start()
