@@ -199,16 +199,39 @@ def answering_model(model: str) -> str:
 
 
 _lock = threading.Lock()
-_llms: dict[tuple[str, str], Ollama] = {}
-_embedders: dict[tuple[str, str], OllamaEmbedding] = {}
+# Keyed by what they send, too: a test (or a reloaded setting) gets a client that sends it.
+_llms: dict[tuple, Ollama] = {}
+_embedders: dict[tuple, OllamaEmbedding] = {}
 
 
 def _url(base_url: str) -> str:
     return base_url.rstrip("/")
 
 
+def keep_alive() -> str | float | None:
+    """The keep_alive to send, or None to send none.
+
+    A request's keep_alive overrides the server's OLLAMA_KEEP_ALIVE, so by default none is
+    sent and each Ollama keeps models as its operator configured it (its default: 5 minutes;
+    `-1`: for ever). RMASSIMO_OLLAMA_KEEP_ALIVE sets one for every request when wanted.
+    """
+    value = str(settings.RMASSIMO_OLLAMA_KEEP_ALIVE or "").strip()
+    try:
+        # Ollama reads a number as seconds but a string only as a duration with a unit:
+        # "-1" must go as the number -1.
+        return float(value) if value else None
+    except ValueError:
+        return value
+
+
+def runner_options() -> dict:
+    """Options that shape the runner Ollama loads (not just one request): the same from
+    every worker and every call, or Ollama reloads the model whenever they differ."""
+    return {"num_ctx": settings.RMASSIMO_CONTEXT_WINDOW}
+
+
 def chat_model(*, model: str, base_url: str) -> Ollama:
-    key = (model, _url(base_url))
+    key = (model, _url(base_url), keep_alive(), runner_options()["num_ctx"])
     with _lock:
         llm = _llms.get(key)
         if llm is None:
@@ -216,17 +239,18 @@ def chat_model(*, model: str, base_url: str) -> Ollama:
                 model=model,
                 base_url=key[1],
                 request_timeout=settings.RMASSIMO_OLLAMA_TIMEOUT,
-                # Set, so the client does not ask /api/show before every first call.
-                context_window=settings.RMASSIMO_CONTEXT_WINDOW,
+                # Sent as options.num_ctx with every request (see runner_options); set, so
+                # the client does not ask /api/show before every first call.
+                context_window=runner_options()["num_ctx"],
                 temperature=settings.RMASSIMO_TEMPERATURE,
-                keep_alive=settings.RMASSIMO_OLLAMA_KEEP_ALIVE,
+                keep_alive=keep_alive(),
             )
             _llms[key] = llm
     return llm
 
 
 def embedder(*, model: str, base_url: str) -> OllamaEmbedding:
-    key = (model, _url(base_url))
+    key = (model, _url(base_url), keep_alive())
     with _lock:
         emb = _embedders.get(key)
         if emb is None:
@@ -234,7 +258,7 @@ def embedder(*, model: str, base_url: str) -> OllamaEmbedding:
                 model_name=model,
                 base_url=key[1],
                 embed_batch_size=settings.RMASSIMO_EMBED_BATCH,
-                keep_alive=settings.RMASSIMO_OLLAMA_KEEP_ALIVE,
+                keep_alive=keep_alive(),
                 client_kwargs={"timeout": settings.RMASSIMO_OLLAMA_TIMEOUT},
             )
             _embedders[key] = emb
@@ -404,14 +428,14 @@ def probe(*, model: str, base_url: str, timeout: float = 10.0) -> str | None:
 
     A load request (`/api/generate` with no prompt) goes through the same queue as real
     work, so an overloaded server (503) or a missing model fails it, while /api/version
-    would still answer.
+    would still answer. It carries the answers' runner options, so it does not make
+    Ollama reload a model that answers use.
     """
+    body = {"model": model, "options": runner_options()}
+    if keep_alive() is not None:
+        body["keep_alive"] = keep_alive()
     try:
-        response = httpx.post(
-            f"{_url(base_url)}/api/generate",
-            json={"model": model, "keep_alive": settings.RMASSIMO_OLLAMA_KEEP_ALIVE},
-            timeout=timeout,
-        )
+        response = httpx.post(f"{_url(base_url)}/api/generate", json=body, timeout=timeout)
     except httpx.HTTPError as exc:
         return f"The Ollama server at {_url(base_url)} could not be reached ({exc})."
     if response.status_code != 200:

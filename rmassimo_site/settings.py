@@ -271,7 +271,9 @@ LOGGING = {
         "pymilvus": {"level": "WARNING"},
     },
 }
-RMASSIMO_OLLAMA_KEEP_ALIVE = env.str("RMASSIMO_OLLAMA_KEEP_ALIVE", default="30m")
+# Empty: send no keep_alive, so each Ollama keeps models as OLLAMA_KEEP_ALIVE says (a
+# request's keep_alive would override it); "30m", "-1"...: send that with every request.
+RMASSIMO_OLLAMA_KEEP_ALIVE = env.str("RMASSIMO_OLLAMA_KEEP_ALIVE", default="")
 # With one URL in OLLAMA_URLS and several GPUs, e.g. "http://127.0.0.1:{port}" gives
 # card i the port 11434 + i.
 RMASSIMO_OLLAMA_URL_TEMPLATE = env.str("RMASSIMO_OLLAMA_URL_TEMPLATE", default="")

@@ -4,7 +4,9 @@ import types
 import pytest
 
 from workers import gpus as gpus_module
+from workers import launcher
 from workers.gpus import (
+    CardGroup,
     Gpu,
     describe,
     discover_gpus,
@@ -12,6 +14,7 @@ from workers.gpus import (
     ollama_urls_for,
     parse_spec,
     pinned_gpu,
+    pinned_group,
     simulated_gpu,
 )
 
@@ -191,13 +194,20 @@ def test_nvml_keeps_a_card_whose_memory_is_unreported(nvml):
         ("0,2", [0, 2]),
         (" 2 , 0 ", [0, 2]),
         ("3,", [3]),
+        ("0,1,2+3", [0, 1, (2, 3)]),
+        ("3+2, 0", [0, (2, 3)]),
+        ("2+3", [(2, 3)]),
+        ("0+1+2+3,", [(0, 1, 2, 3)]),
     ],
 )
 def test_parse_spec(spec, expected):
     assert parse_spec(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["abc", "-1", "1,,x", "1,,2", ",", ",1", "1.5", "2 3", "0,0", "٣"])
+@pytest.mark.parametrize(
+    "spec",
+    ["abc", "-1", "1,,x", "1,,2", ",", ",1", "1.5", "2 3", "0,0", "٣", "1+", "+1", "2+2", "0,1+0"],
+)
 def test_invalid_spec_is_explained(spec):
     with pytest.raises(ValueError) as raised:
         parse_spec(spec)
@@ -262,6 +272,41 @@ def test_a_list_naming_an_absent_card_is_an_error(nvml):
         discover_gpus("0,5")
 
 
+def test_a_plus_groups_real_cards_under_one_worker(nvml):
+    nvml(FOUR_CARDS)
+    found = discover_gpus("0,1,2+3")
+    assert [unit.label for unit in found] == ["gpu0", "gpu1", "gpu2+3"]
+    group = found[2]
+    assert isinstance(group, CardGroup) and group.indexes == (2, 3)
+    # its Ollama must see both cards: CUDA_VISIBLE_DEVICES lists both UUIDs
+    assert group.cuda_visible_devices == "GPU-2,GPU-3"
+    assert group.memory_total == 2 * 48 * 2**30 and not group.simulated
+    spec = launcher.gpu_worker(group, "http://ollama-gpu2-3:11434", slots=1)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-2,GPU-3"
+    assert spec.env["RMASSIMO_WORKER_GPU"] == "gpu2+3"
+    assert spec.name.startswith("gpu2+3@")
+    assert describe(found).splitlines()[2] == "gpu2+3: 2 × NVIDIA L40S, 96.0 GiB, GPU-2,GPU-3"
+    # the group's Ollama URL is its first card's
+    assert ollama_urls_for(found, [], "http://127.0.0.1:{port}")[2] == "http://127.0.0.1:11436"
+
+
+def test_a_group_of_simulated_cards_without_nvml(no_nvml):
+    (group,) = discover_gpus("1+3")
+    assert group.label == "gpu1+3" and group.cuda_visible_devices == "1,3"
+
+
+def test_a_group_naming_an_absent_card_is_an_error(nvml):
+    nvml(TWO_CARDS)
+    with pytest.raises(ValueError, match=r"card\(s\) 2"):
+        discover_gpus("0,1+2")
+
+
+def test_pinned_queues_name_the_cards():
+    group = CardGroup((simulated_gpu(2), simulated_gpu(3)))
+    assert launcher.pinned_queue(group) == "gpu.2+3"
+    assert launcher.pinned_queue(simulated_gpu(1)) == "gpu.1"
+
+
 # --- pinned_gpu ------------------------------------------------------------------------
 
 
@@ -280,6 +325,17 @@ def test_pinned_gpu_in_a_container_relabels_its_only_card():
     assert gpu == Gpu(1, "GPU-b", "B", 2, False)
     assert gpu.label == "gpu1"
     assert gpu.cuda_visible_devices == "GPU-b"
+
+
+def test_pinned_group_in_a_container_takes_its_cards_in_order():
+    inside = [Gpu(0, "GPU-c", "C", 2, False), Gpu(1, "GPU-d", "D", 2, False)]
+    group = pinned_group((2, 3), inside)
+    assert group.label == "gpu2+3" and group.cuda_visible_devices == "GPU-c,GPU-d"
+    on_host = [Gpu(i, f"GPU-{i}", "X", 1, False) for i in range(4)]
+    assert pinned_group((2, 3), on_host).cuda_visible_devices == "GPU-2,GPU-3"
+    assert pinned_group((1,), on_host) == on_host[1]
+    with pytest.raises(ValueError, match="Cards 2\\+3"):
+        pinned_group((2, 3), on_host[:3])
 
 
 def test_pinned_gpu_without_nvml_is_simulated(no_nvml):

@@ -1,4 +1,5 @@
-"""One Celery worker per GPU, each bound to its own Ollama; queues in priority order."""
+"""One Celery worker per GPU or card group, each bound to its own Ollama; queues in
+priority order."""
 
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 HOST = socket.gethostname()
+# run_workers below runs card 0 alone and cards 1 and 2 as one group, each with its stub
+LABELS = ["gpu0", "gpu1+2"]
+
+
+def stub_of(two_stubs, label):
+    return two_stubs[LABELS.index(label)]
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
 def ours(entries: list[dict]) -> list[dict]:
@@ -55,7 +67,7 @@ def two_stubs(stub):
 def run_workers(own_workers, two_stubs, var_dir):
     log = (var_dir / "logs" / "run_workers.log").open("wb")
     env = worker_env(
-        RMASSIMO_GPUS="2",
+        RMASSIMO_GPUS="0,1+2",
         OLLAMA_URLS=",".join(s.url for s in two_stubs),
         RMASSIMO_LOG_LEVEL="INFO",
     )
@@ -85,13 +97,16 @@ def test_run_workers_one_worker_per_gpu_each_on_its_own_ollama(run_workers, two_
         what="two GPU workers and the CPU worker online",
     )
     gpu = [w for w in workers if w["gpu"] != "cpu"]
-    assert sorted(w["gpu"] for w in gpu) == ["gpu0", "gpu1"]
+    assert sorted(w["gpu"] for w in gpu) == LABELS
     for w in gpu:
-        index = w["gpu"][3:]
-        assert w["queues"] == sorted(["interactive", "batch", f"gpu.{index}"])
-        assert w["ollama_url"] == two_stubs[int(index)].url
+        assert w["queues"] == sorted(["interactive", "batch", f"gpu.{w['gpu'][3:]}"])
+        assert w["ollama_url"] == stub_of(two_stubs, w["gpu"]).url
+    # The group's worker process, and so its pool, sees both of its cards.
+    group = next(w for w in gpu if w["gpu"] == "gpu1+2")
+    assert environ(group["pid"])["CUDA_VISIBLE_DEVICES"] == "1,2"
+    assert environ(next(w for w in gpu if w["gpu"] == "gpu0")["pid"])["CUDA_VISIBLE_DEVICES"] == "0"
     listed = ours(api.staff.get("/api/v1/workers/").json())
-    assert sorted(w["gpu"] for w in listed) == ["gpu0", "gpu1"]
+    assert sorted(w["gpu"] for w in listed) == LABELS
     assert all(w["online"] and w["healthy"] for w in listed)
     assert {q["name"] for q in listed[0]["queues"]} >= {"interactive", "batch"}
     assert all(w["ollama_url"] == "" for w in api.owner.get("/api/v1/workers/").json())
@@ -99,7 +114,7 @@ def test_run_workers_one_worker_per_gpu_each_on_its_own_ollama(run_workers, two_
     page = Client()
     page.force_login(api.staff_user)
     html = page.get("/admin/workers/").content.decode()
-    assert "gpu0@" in html and "gpu1@" in html and "online" in html
+    assert "gpu0@" in html and "gpu1+2@" in html and "online" in html
     page.force_login(api.owner_user)
     assert page.get("/admin/workers/").status_code == 302  # to the admin login
 
@@ -111,11 +126,11 @@ def test_run_workers_one_worker_per_gpu_each_on_its_own_ollama(run_workers, two_
     ]
     results = [poll(api.owner, i, timeout=60) for i in ids]
     assert all(r["status"] == "done" for r in results), [r["error"] for r in results]
-    # Both cards served answers, and each question reached only its own card's Ollama.
-    assert {r["gpu"] for r in results} == {"gpu0", "gpu1"}
+    # Both workers served answers, and each question reached only its own worker's Ollama.
+    assert {r["gpu"] for r in results} == set(LABELS)
     for r in results:
-        mine = two_stubs[int(r["gpu"][3:])]
-        other = two_stubs[1 - int(r["gpu"][3:])]
+        mine = stub_of(two_stubs, r["gpu"])
+        other = two_stubs[1 - two_stubs.index(mine)]
         asked = [
             c
             for c in mine.calls
@@ -141,15 +156,15 @@ def test_run_workers_restarts_a_dead_worker_and_shuts_down_warmly(run_workers, t
         timeout=90,
         what="workers online",
     )
-    victim = next(w for w in online() if w["gpu"] == "gpu1")
+    victim = next(w for w in online() if w["gpu"] == "gpu1+2")
     os.kill(int(victim["pid"]), signal.SIGKILL)
     wait_for(
         lambda: any(
-            w["gpu"] == "gpu1" and w["online"] and int(w["pid"]) != int(victim["pid"])
+            w["gpu"] == "gpu1+2" and w["online"] and int(w["pid"]) != int(victim["pid"])
             for w in online()
         ),
         timeout=90,
-        what="gpu1 restarted",
+        what="gpu1+2 restarted",
     )
     # A long answer in flight when SIGTERM arrives is finished, not lost.
     corpus = build_corpus()

@@ -17,7 +17,8 @@ OLLAMA_BASE_PORT = 11434
 _SPEC_FORMS = (
     f"{SPEC_VARIABLE} must be empty (discover the cards through NVML), "
     f"a number of simulated cards such as '4', '0' or 'none' for no GPU (CPU only), "
-    f"or a comma-separated list of card indexes such as '0,2' (write '2,' for card 2 alone)"
+    f"or a comma-separated list of card indexes such as '0,2' (write '2,' for card 2 alone), "
+    f"where cards joined by '+' form one worker's group, as in '0,1,2+3'"
 )
 _INDEX = re.compile(r"[0-9]+", re.ASCII)
 
@@ -39,6 +40,56 @@ class Gpu:
         # CUDA numbers cards fastest-first unless CUDA_DEVICE_ORDER says otherwise, while
         # NVML numbers them by PCI bus; the UUID names the same card for both.
         return self.uuid if self.uuid else str(self.index)
+
+
+@dataclass(frozen=True)
+class CardGroup:
+    """Several cards owned by one worker and its Ollama, for a model bigger than one card.
+
+    It stands wherever a single Gpu does: `index` (its first card) picks its Ollama URL,
+    `label` names all its cards ("gpu2+3"), and CUDA_VISIBLE_DEVICES lists them all, so
+    the worker's Ollama sees every card of the group and spreads the model over them.
+    """
+
+    cards: tuple[Gpu, ...]
+
+    @property
+    def index(self) -> int:
+        return self.cards[0].index
+
+    @property
+    def indexes(self) -> tuple[int, ...]:
+        return tuple(card.index for card in self.cards)
+
+    @property
+    def label(self) -> str:
+        return "gpu" + "+".join(str(index) for index in self.indexes)
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        return ",".join(card.cuda_visible_devices for card in self.cards)
+
+    @property
+    def simulated(self) -> bool:
+        return all(card.simulated for card in self.cards)
+
+    @property
+    def uuid(self) -> str | None:
+        return self.cuda_visible_devices if not self.simulated else None
+
+    @property
+    def name(self) -> str:
+        names = sorted({card.name for card in self.cards})
+        return " + ".join(names) if len(names) > 1 else f"{len(self.cards)} × {names[0]}"
+
+    @property
+    def memory_total(self) -> int | None:
+        sizes = [card.memory_total for card in self.cards]
+        return None if None in sizes else sum(sizes)
+
+
+# What one worker owns: a card, or a group of cards.
+Unit = Gpu | CardGroup
 
 
 def simulated_gpu(index: int) -> Gpu:
@@ -102,34 +153,51 @@ def _optional(pynvml, read, handle):
         return None
 
 
-def parse_spec(spec: str | None) -> int | list[int] | None:
-    """None: discover; int: that many simulated cards; list: these indexes, sorted."""
+def parse_spec(spec: str | None) -> int | list[int | tuple[int, ...]] | None:
+    """None: discover; int: that many simulated cards; list: these cards, sorted, where a
+    tuple is a group of cards for one worker ("0,1,2+3" -> [0, 1, (2, 3)])."""
     text = (spec or "").strip()
     if not text:
         return None
     if text.lower() == "none":
         return 0
-    if "," not in text:
+    if "," not in text and "+" not in text:
         if not _INDEX.fullmatch(text):
             raise ValueError(f"{SPEC_VARIABLE}={spec!r} is not valid: {_SPEC_FORMS}.")
         return int(text)
     items = [item.strip() for item in text.split(",")]
     if items[-1] == "":
         items.pop()
-    if not items or not all(_INDEX.fullmatch(item) for item in items):
+    units: list[int | tuple[int, ...]] = []
+    for item in items:
+        parts = [part.strip() for part in item.split("+")]
+        if not parts or not all(_INDEX.fullmatch(part) for part in parts):
+            raise ValueError(f"{SPEC_VARIABLE}={spec!r} is not valid: {_SPEC_FORMS}.")
+        indexes = tuple(sorted(int(part) for part in parts))
+        units.append(indexes if len(indexes) > 1 else indexes[0])
+    if not units:
         raise ValueError(f"{SPEC_VARIABLE}={spec!r} is not valid: {_SPEC_FORMS}.")
-    indexes = [int(item) for item in items]
-    if len(set(indexes)) != len(indexes):
+    flat = [index for unit in units for index in _indexes(unit)]
+    if len(set(flat)) != len(flat):
         raise ValueError(f"{SPEC_VARIABLE}={spec!r} names a card twice: {_SPEC_FORMS}.")
-    return sorted(indexes)
+    return sorted(units, key=lambda unit: _indexes(unit)[0])
 
 
-def discover_gpus(spec: str | None = None) -> list[Gpu]:
-    """The cards to run workers on, as RMASSIMO_GPUS (or `spec`) asks.
+def _indexes(unit: int | tuple[int, ...]) -> tuple[int, ...]:
+    return unit if isinstance(unit, tuple) else (unit,)
+
+
+def _unit(cards: list[Gpu]) -> Unit:
+    return cards[0] if len(cards) == 1 else CardGroup(tuple(cards))
+
+
+def discover_gpus(spec: str | None = None) -> list[Unit]:
+    """The cards to run workers on, as RMASSIMO_GPUS (or `spec`) asks, one entry per worker.
 
     - empty: every card NVML finds ([] without a driver);
     - "N": N simulated cards 0..N-1, whatever the hardware ("0" or "none": CPU only);
-    - "i,j": cards i and j from NVML, or simulated cards i and j when NVML finds none.
+    - "i,j": cards i and j from NVML, or simulated cards i and j when NVML finds none;
+    - "i,j+k": card i, and cards j and k as one group (one worker, one Ollama).
     """
     if spec is None:
         spec = os.environ.get(SPEC_VARIABLE)
@@ -140,15 +208,43 @@ def discover_gpus(spec: str | None = None) -> list[Gpu]:
         return [simulated_gpu(index) for index in range(wanted)]
     found = nvml_gpus()
     if not found:
-        return [simulated_gpu(index) for index in wanted]
+        return [_unit([simulated_gpu(i) for i in _indexes(unit)]) for unit in wanted]
     by_index = {gpu.index: gpu for gpu in found}
-    missing = [index for index in wanted if index not in by_index]
+    missing = [i for unit in wanted for i in _indexes(unit) if i not in by_index]
     if missing:
         raise ValueError(
             f"{SPEC_VARIABLE}={spec!r} asks for card(s) {', '.join(map(str, missing))}, "
             f"but NVML finds only {', '.join(str(gpu.index) for gpu in found)} on this host."
         )
-    return [by_index[index] for index in wanted]
+    return [_unit([by_index[i] for i in _indexes(unit)]) for unit in wanted]
+
+
+def pinned_group(indexes: tuple[int, ...], found: list[Gpu] | None = None) -> Unit:
+    """The card or card group a worker started for host cards `indexes` runs on.
+
+    As with `pinned_gpu`, a container that reserved exactly these cards sees them through
+    NVML numbered from 0: they are taken in order as the host's cards.
+    """
+    if len(indexes) == 1:
+        return pinned_gpu(indexes[0], found)
+    if found is None:
+        found = nvml_gpus()
+    if not found:
+        return _unit([simulated_gpu(index) for index in indexes])
+    by_index = {gpu.index: gpu for gpu in found}
+    if all(index in by_index for index in indexes):
+        return _unit([by_index[index] for index in indexes])
+    if len(found) == len(indexes):
+        return _unit(
+            [
+                Gpu(index, gpu.uuid, gpu.name, gpu.memory_total, gpu.simulated)
+                for index, gpu in zip(indexes, found, strict=True)
+            ]
+        )
+    raise ValueError(
+        f"Cards {'+'.join(map(str, indexes))} are not among the cards NVML finds on this "
+        f"host ({', '.join(str(gpu.index) for gpu in found)})."
+    )
 
 
 def pinned_gpu(index: int, found: list[Gpu] | None = None) -> Gpu:
@@ -190,9 +286,10 @@ def _clean_url(url: str) -> str:
 
 
 def ollama_urls_for(
-    gpus: list[Gpu], urls: list[str] | str, template: str | None = None
+    gpus: list[Unit], urls: list[str] | str, template: str | None = None
 ) -> dict[int, str]:
-    """GPU index -> base URL of the Ollama server that owns that card.
+    """GPU index -> base URL of the Ollama server that owns that card (for a card group,
+    its first card's index).
 
     One URL per GPU maps by position; otherwise `template` (with {port} = 11434 + index
     and {index}) is formatted per card; otherwise a single URL is shared by every card,
@@ -226,7 +323,7 @@ def ollama_urls_for(
     )
 
 
-def describe(gpus: list[Gpu]) -> str:
+def describe(gpus: list[Unit]) -> str:
     """One line per card, for startup logs."""
     if not gpus:
         return "no GPUs (CPU only)"

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.gpus import Gpu
+from workers.gpus import Unit
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +55,22 @@ class WorkerSpec:
         ]
 
 
-def metrics_port(base: int | None, gpu: Gpu | None) -> int | None:
-    """The CPU worker serves its metrics on `base`, card N's worker on base + 1 + N: fixed
-    ports, so a scrape config can name them without discovery."""
+def metrics_port(base: int | None, gpu: Unit | None) -> int | None:
+    """The CPU worker serves its metrics on `base`, card N's worker on base + 1 + N (a card
+    group's, on its first card's): fixed ports, so a scrape config can name them without
+    discovery."""
     if not base:
         return None
     return base if gpu is None else base + 1 + gpu.index
 
 
+def pinned_queue(gpu: Unit) -> str:
+    """The queue of work for this one worker: `gpu.<cards>` (`gpu.2+3` for a group)."""
+    return f"gpu.{gpu.label.removeprefix('gpu')}"
+
+
 def gpu_worker(
-    gpu: Gpu,
+    gpu: Unit,
     ollama_url: str,
     *,
     slots: int,
@@ -75,7 +81,7 @@ def gpu_worker(
     name = f"{gpu.label}@{host}"
     return WorkerSpec(
         name=name,
-        queues=["interactive", "batch", f"gpu.{gpu.index}"],
+        queues=["interactive", "batch", pinned_queue(gpu)],
         concurrency=slots,
         loglevel=loglevel,
         metrics_port=metrics_port(metrics_base, gpu),

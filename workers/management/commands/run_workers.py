@@ -1,5 +1,6 @@
 """manage.py run_workers: one Celery worker per GPU, plus the CPU worker, supervised."""
 
+import argparse
 import os
 
 from django.conf import settings
@@ -8,18 +9,31 @@ from django.core.management.base import BaseCommand, CommandError
 from workers import gpus, launcher
 
 
+def _cards(value: str) -> tuple[int, ...]:
+    parts = value.split("+")
+    if not all(part.strip().isdigit() and part.strip().isascii() for part in parts):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a card index (2) or group (2+3)")
+    indexes = tuple(sorted({int(part) for part in parts}))
+    if len(indexes) != len(parts):
+        raise argparse.ArgumentTypeError(f"{value!r} names a card twice")
+    return indexes
+
+
 class Command(BaseCommand):
     help = (
-        "Start one Celery worker per GPU (each bound to its card's Ollama) and the CPU "
-        "worker; restart any that dies; SIGTERM or Ctrl-C shuts them down warmly."
+        "Start one Celery worker per GPU or card group (each bound to its cards' Ollama) and "
+        "the CPU worker; restart any that dies; SIGTERM or Ctrl-C shuts them down warmly."
     )
 
     def add_arguments(self, parser):
         parser.add_argument(
             "--gpu",
-            type=int,
+            type=_cards,
             default=None,
-            help="Run only the worker of host card N (one container per card).",
+            help=(
+                "Run only the worker of host card N, or of the card group N+M "
+                "(one container per card or group)."
+            ),
         )
         parser.add_argument("--cpu-only", action="store_true", help="Run only the CPU worker.")
         parser.add_argument("--no-cpu", action="store_true", help="Do not run the CPU worker.")
@@ -61,10 +75,12 @@ class Command(BaseCommand):
         if code:
             raise CommandError("workers stopped with errors", returncode=code)
 
-    def _gpu_specs(self, only: int | None, slots: int, loglevel: str, metrics_base: int):
+    def _gpu_specs(
+        self, only: tuple[int, ...] | None, slots: int, loglevel: str, metrics_base: int
+    ):
         try:
             if only is not None:
-                found = [gpus.pinned_gpu(only)]
+                found = [gpus.pinned_group(only)]
             else:
                 found = gpus.discover_gpus(settings.RMASSIMO_GPUS)
             simulated_cpu = not found
