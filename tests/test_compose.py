@@ -14,7 +14,8 @@ jsonschema = pytest.importorskip("jsonschema")
 HERE = Path(__file__).resolve().parent
 COMPOSE_FILE = HERE.parent / "docker-compose.yml"
 SCHEMA_RELATIVE = Path("shared") / "schemas" / "compose-spec.json"
-GPU_SERVICE = re.compile(r"(ollama|worker)-gpu(\d+)$")
+# ollama-gpu2, worker-gpu2; a card group: ollama-gpu2-3, worker-gpu2-3 (run_workers --gpu 2+3)
+GPU_SERVICE = re.compile(r"(ollama|worker)-gpu(\d+(?:-\d+)*)$")
 
 
 def find_schema() -> Path | None:
@@ -161,12 +162,12 @@ def compose_problems(compose: dict) -> list[str]:
     """What breaks the deployment rules in docs/deploy.md; [] when all hold."""
     problems: list[str] = []
     services: dict = compose.get("services") or {}
-    ollamas: dict[int, dict] = {}
-    workers: dict[int, dict] = {}
+    ollamas: dict[str, dict] = {}
+    workers: dict[str, dict] = {}
     for name, service in services.items():
         match = GPU_SERVICE.match(name)
         if match:
-            kind, index = match.group(1), int(match.group(2))
+            kind, index = match.group(1), match.group(2)
             (ollamas if kind == "ollama" else workers)[index] = service
 
     if not workers:
@@ -176,8 +177,10 @@ def compose_problems(compose: dict) -> list[str]:
     for index, ollama in sorted(ollamas.items()):
         name = f"ollama-gpu{index}"
         ids = _device_ids(ollama)
-        if len(ids) != 1:
-            problems.append(f"{name} reserves {len(ids)} devices {ids}, not exactly one")
+        cards = index.split("-")
+        if ids != cards:
+            wanted = "exactly one" if len(cards) == 1 else f"cards {cards}"
+            problems.append(f"{name} reserves {len(ids)} devices {ids}, not {wanted}")
         for device in _devices(ollama):
             if device.get("driver") != "nvidia" or "gpu" not in (device.get("capabilities") or []):
                 problems.append(f"{name} reserves a device that is not an nvidia gpu: {device}")
@@ -208,8 +211,9 @@ def compose_problems(compose: dict) -> list[str]:
             problems.append(
                 f"{name} calls OLLAMA_URLS={urls!r}, not http://ollama-gpu{index}:11434"
             )
-        if not re.search(rf"run_workers --gpu {index}\b", _command(worker)):
-            problems.append(f"{name} does not run `manage.py run_workers --gpu {index}`")
+        cards = index.replace("-", "+")
+        if not re.search(rf"run_workers --gpu {re.escape(cards)}(?![+\d])", _command(worker)):
+            problems.append(f"{name} does not run `manage.py run_workers --gpu {cards}`")
         depends_on = _depends_on(worker)
         if depends_on.get("models") != "service_completed_successfully":
             problems.append(f"{name} does not wait for the models service to complete")
@@ -277,11 +281,33 @@ def test_compose_file_follows_the_operations_rules(compose):
 
 def test_there_is_at_least_one_card_and_the_cards_are_numbered_from_zero(compose):
     workers = sorted(
-        int(m.group(2))
+        int(card)
         for m in map(GPU_SERVICE.match, compose["services"])
         if m and m.group(1) == "worker"
+        for card in m.group(2).split("-")
     )
     assert workers == list(range(len(workers))) and workers
+
+
+def with_the_card_group_example() -> dict:
+    """docker-compose.yml with its commented two-card Ollama and worker switched on."""
+    lines, inside = [], False
+    for line in COMPOSE_FILE.read_text(encoding="utf-8").splitlines():
+        if line in ("  # ollama-gpu2-3:", "  # worker-gpu2-3:"):
+            inside = True
+        elif not line.startswith("  #   "):
+            inside = False
+        lines.append("  " + line[4:] if inside else line)
+    return yaml.safe_load("\n".join(lines))
+
+
+def test_the_card_group_example_follows_the_rules():
+    compose = with_the_card_group_example()
+    assert {"ollama-gpu2-3", "worker-gpu2-3"} <= set(compose["services"])
+    assert compose_problems(compose) == []
+    worker = compose["services"]["worker-gpu2-3"]
+    assert _device_ids(worker) == ["2", "3"]
+    assert "run_workers --gpu 2+3" in _command(worker)
 
 
 def test_every_ollama_shares_one_model_volume(compose):
