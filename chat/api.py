@@ -9,32 +9,9 @@ from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from chat import selectors, services
+from chat.formats import SourceSerializer, TimingsSerializer
 from chat.models import Conversation, Question
-from core import realtime
 from ingestion import selectors as corpus_selectors
-
-
-class SourceSerializer(serializers.Serializer):
-    document = serializers.IntegerField()
-    title = serializers.CharField()
-    page = serializers.IntegerField(allow_null=True)
-    score = serializers.FloatField()
-    text = serializers.CharField()
-
-
-class TimingsSerializer(serializers.Serializer):
-    queued_at = serializers.DateTimeField(allow_null=True)
-    started_at = serializers.DateTimeField(allow_null=True)
-    first_token_at = serializers.DateTimeField(allow_null=True)
-    finished_at = serializers.DateTimeField(allow_null=True)
-    wait_ms = serializers.FloatField(allow_null=True)
-    retrieval_ms = serializers.FloatField(allow_null=True)
-    first_token_ms = serializers.FloatField(allow_null=True)
-    total_ms = serializers.FloatField(allow_null=True)
-    generation_ms = serializers.FloatField(allow_null=True)
-    prompt_tokens = serializers.IntegerField(allow_null=True)
-    completion_tokens = serializers.IntegerField(allow_null=True)
-    tokens_per_s = serializers.FloatField(allow_null=True)
 
 
 class QuestionOutput(serializers.ModelSerializer):
@@ -43,7 +20,6 @@ class QuestionOutput(serializers.ModelSerializer):
     )
     sources = SourceSerializer(many=True)
     timings = TimingsSerializer()
-    answer = serializers.SerializerMethodField()
 
     class Meta:
         model = Question
@@ -63,12 +39,6 @@ class QuestionOutput(serializers.ModelSerializer):
             "feedback",
             "created_at",
         ]
-
-    def get_answer(self, question: Question) -> str:
-        # While streaming, the text so far lives in Redis; the DB has it once done.
-        if question.status == Question.Status.RUNNING:
-            return "".join(realtime.partial_answer(question.pk))
-        return question.answer
 
 
 class QuestionInput(serializers.Serializer):
@@ -112,6 +82,7 @@ class QuestionListCreate(APIView):
         data = QuestionInput(data=request.data, context={"request": request})
         data.is_valid(raise_exception=True)
         question = services.question_create(owner=request.user, **data.validated_data)
+        [question] = selectors.with_answer_so_far([question])
         return Response(QuestionOutput(question).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -121,6 +92,10 @@ class QuestionDetail(generics.RetrieveAPIView):
     def get_queryset(self):
         return selectors.questions_of(self.request.user)
 
+    def get_object(self):
+        [question] = selectors.with_answer_so_far([super().get_object()])
+        return question
+
 
 class QuestionCancel(APIView):
     @extend_schema(request=None, responses={200: QuestionOutput})
@@ -129,6 +104,7 @@ class QuestionCancel(APIView):
         if question is None:
             raise NotFound("No such question.")
         services.question_cancel(question=question)
+        [question] = selectors.with_answer_so_far([question])
         return Response(QuestionOutput(question).data)
 
 
@@ -145,6 +121,7 @@ class QuestionFeedback(APIView):
         data = FeedbackInput(data=request.data)
         data.is_valid(raise_exception=True)
         services.question_set_feedback(question=question, value=data.validated_data["value"])
+        [question] = selectors.with_answer_so_far([question])
         return Response(QuestionOutput(question).data)
 
 
@@ -197,3 +174,9 @@ class ConversationDetail(generics.RetrieveAPIView):
 
     def get_queryset(self):
         return selectors.conversations_of(self.request.user).prefetch_related("questions")
+
+    def get_object(self):
+        conversation = super().get_object()
+        # The prefetched questions are the ones serialized.
+        selectors.with_answer_so_far(conversation.questions.all())
+        return conversation

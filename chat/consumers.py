@@ -12,7 +12,7 @@ from __future__ import annotations
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from chat import services
+from chat import selectors
 from chat.models import Conversation, Question
 from core import metrics, realtime
 
@@ -40,7 +40,7 @@ def _replay_events(conversation_id: int) -> list[dict]:
     ).order_by("created_at", "id")
     for question in pending:
         if question.status == Question.Status.QUEUED:
-            position = services.queue_position(question)
+            position = selectors.queue_position(question)
             events.append({"type": "queued", "question": question.pk, "position": position})
             continue
         events.append(

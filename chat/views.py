@@ -11,7 +11,6 @@ from django.utils.translation import gettext as _
 
 from chat import selectors
 from chat.models import Question
-from core import realtime
 from ingestion import selectors as corpus_selectors
 
 
@@ -77,11 +76,8 @@ def home(request):
 @_content_security_policy
 def conversation_detail(request, pk: int):
     conversation = get_object_or_404(selectors.conversations_of(request.user), pk=pk)
-    questions = list(conversation.questions.all())
+    questions = selectors.with_answer_so_far(conversation.questions.all())
     for question in questions:
-        # While streaming, the text so far lives in Redis; the DB has it once final.
-        if question.status == Question.Status.RUNNING:
-            question.answer = "".join(realtime.partial_answer(question.pk))
         timings = question.timings
         total_ms = timings["total_ms"] if question.status == Question.Status.DONE else None
         question.total_s = round(total_ms / 1000, 1) if total_ms is not None else None

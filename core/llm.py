@@ -401,18 +401,6 @@ def embed_query(text: str, *, model: str, base_url: str) -> list[float]:
             return emb.get_query_embedding(text)
 
 
-def embedding_dim(*, model: str, base_url: str) -> int:
-    """The model's vector size, from /api/show when it says, else from one probe."""
-    _no_embeddings_when_embedded(model)
-    emb = embedder(model=model, base_url=base_url)
-    with _translated(base_url, model):
-        info = emb._client.show(model).modelinfo or {}
-        for key, value in info.items():
-            if key.endswith(".embedding_length"):
-                return int(value)
-        return len(emb.get_text_embedding("dimension probe"))
-
-
 def server_version(base_url: str, *, timeout: float = 2.0) -> str | None:
     """The server's version when it answers, else None; never raises."""
     try:

@@ -23,6 +23,7 @@ import time
 import redis
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ def publish(conversation_id: int, event: dict) -> None:
     loop, outbox = _background_loop()
     message = {"type": "rm.event", "event": event}
     loop.call_soon_threadsafe(outbox.put_nowait, (group_name(conversation_id), message))
+
+
+def publish_on_commit(conversation_id: int, event: dict) -> None:
+    """Publish once the current transaction commits (at once outside one): an event must
+    never announce a write that a rollback then undoes, nor arrive before it is readable."""
+    transaction.on_commit(lambda: publish(conversation_id, event))
 
 
 def drain(timeout: float = _PUBLISH_TIMEOUT_S) -> None:

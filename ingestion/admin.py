@@ -1,6 +1,7 @@
 """The corpus in the Django admin: corpora, documents (upload, ingest, remove, delete) and
-ingestion jobs (progress, retry). Every write goes through ingestion.services, so the admin
-never leaves vectors behind."""
+ingestion jobs (progress, retry). Adding, ingesting, removing and deleting documents, and
+deleting corpora, go through ingestion.services, so the admin never leaves vectors behind;
+a corpus' own fields (name, persona, models) are edited as plain rows."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from django.utils.text import Truncator
 
 from core import vectorstore
 from ingestion import fetching, parsing, selectors, services
+from ingestion.jobs import ACTIVE
 from ingestion.models import Corpus, Document, IngestionJob
 
 _REFRESH_S = 3
@@ -39,7 +41,7 @@ def _progress(job: IngestionJob) -> str:
 
 
 def _any_active(jobs) -> bool:
-    return jobs.filter(status__in=services.ACTIVE).exists()
+    return jobs.filter(status__in=ACTIVE).exists()
 
 
 class _DeletesThroughServices:
@@ -169,7 +171,7 @@ class CorpusAdmin(_DeletesThroughServices, admin.ModelAdmin):
 
     @admin.display(description="retrieval")
     def retrieval(self, corpus: Corpus) -> str:
-        model = corpus.effective_embed_model
+        model = selectors.embed_model(corpus)
         return f"hybrid ({model} + BM25)" if model else "BM25 only"
 
     @admin.display(description="indexed documents", ordering="_indexed")

@@ -16,7 +16,7 @@ from ingestion.models import Corpus, Document, IngestionJob
 class CorpusOutput(serializers.ModelSerializer):
     document_count = serializers.IntegerField(read_only=True)
     chat_model = serializers.CharField(source="effective_chat_model")
-    embed_model = serializers.CharField(source="effective_embed_model")
+    embed_model = serializers.SerializerMethodField()
     retrieval = serializers.SerializerMethodField()
 
     class Meta:
@@ -32,8 +32,11 @@ class CorpusOutput(serializers.ModelSerializer):
             "document_count",
         ]
 
+    def get_embed_model(self, corpus: Corpus) -> str:
+        return selectors.embed_model(corpus)
+
     def get_retrieval(self, corpus: Corpus) -> str:
-        return "hybrid" if corpus.effective_embed_model else "bm25"
+        return "hybrid" if selectors.embed_model(corpus) else "bm25"
 
 
 class CorpusList(generics.ListAPIView):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import PurePath
 from urllib.parse import urlsplit
 
 import httpx
@@ -84,3 +85,9 @@ def fetch(url: str) -> Fetched:
         raise ParseError(f"Fetching {url} was redirected too many times.") from exc
     except httpx.HTTPError as exc:
         raise ParseError(f"Fetching {url} failed: {str(exc)[:200] or type(exc).__name__}.") from exc
+
+
+def url_title(url: str) -> str:
+    """A title for a document added by URL, until its page says better."""
+    path = PurePath(url.split("?", 1)[0].rstrip("/"))
+    return path.stem if path.stem and "://" not in path.name else url[:300]

@@ -63,12 +63,9 @@ class Corpus(models.Model):
         return self.chat_model or settings.RMASSIMO_CHAT_MODEL
 
     @property
-    def effective_embed_model(self) -> str:
-        """The embedding model name, or "" when retrieval is BM25 alone."""
-        from core import llm
-
-        if llm.backend().embedded:
-            return ""  # embeddings come from Ollama, which the embedded backend runs without
+    def configured_embed_model(self) -> str:
+        """The embedding model configured, or "" for BM25 alone; which one is really used
+        also depends on the LLM backend: `ingestion.selectors.embed_model`."""
         model = self.embed_model or settings.RMASSIMO_EMBED_MODEL
         return "" if model.lower() == "none" else model
 

@@ -2,6 +2,7 @@
 
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 
+from core import llm
 from ingestion.models import Corpus, Document, IngestionJob
 
 
@@ -13,6 +14,14 @@ def corpora() -> QuerySet[Corpus]:
 
 def corpus_by_slug(slug: str) -> Corpus | None:
     return Corpus.objects.filter(slug=slug).first()
+
+
+def embed_model(corpus: Corpus) -> str:
+    """The embedding model the corpus' vectors come from, or "" when retrieval is BM25
+    alone: always so with the embedded backend, which runs without Ollama."""
+    if llm.backend().embedded:
+        return ""
+    return corpus.configured_embed_model
 
 
 def documents(*, corpus: Corpus | None = None) -> QuerySet[Document]:
@@ -29,3 +38,14 @@ def documents(*, corpus: Corpus | None = None) -> QuerySet[Document]:
 
 def jobs() -> QuerySet[IngestionJob]:
     return IngestionJob.objects.select_related("document__corpus")
+
+
+def active_job(document: Document) -> IngestionJob | None:
+    """The document's queued or running job, if any."""
+    return (
+        document.jobs.filter(
+            status__in=(IngestionJob.Status.QUEUED, IngestionJob.Status.RUNNING)
+        )
+        .order_by("-created_at")
+        .first()
+    )

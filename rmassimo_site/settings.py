@@ -327,5 +327,5 @@ CACHES = {
 # Jobs prepared by one CPU task: their chunks share embedding batches.
 RMASSIMO_PREPARE_GROUP = env.int("RMASSIMO_PREPARE_GROUP", default=16)
 # Workers keep their database connection between tasks (Celery opens a new one per task
-# otherwise); ingestion.apps checks it before each task as Django does before a request.
+# otherwise); workers.signals checks it before each task as Django does before a request.
 CELERY_DB_REUSE_MAX = env.int("RMASSIMO_DB_REUSE_MAX", default=1000)

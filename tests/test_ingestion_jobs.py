@@ -13,7 +13,7 @@ from django.utils import timezone
 from core import vectorstore
 from ingestion import services
 from ingestion.models import Chunk, Document, IngestionJob
-from ingestion.tasks import embed_batch, prepare_job
+from ingestion.tasks import embed_batch, prepare_jobs
 from tests.ingestion_helpers import long_text, make_pdf, settle, wait_job, wait_jobs
 from tests.processes import wait_for
 
@@ -143,10 +143,9 @@ def test_a_job_run_again_or_redelivered_ends_in_the_same_state(corpus, live):
     rows = list(Chunk.objects.filter(document=document).values_list("pk", "index", "text"))
     live.reset_calls()
 
-    prepare_job.apply_async(args=[job.pk])  # a second copy of the message
+    prepare_jobs.apply_async(args=[[job.pk]])  # a second copy of the message
     embed_batch.apply_async(kwargs={"ranges": [[job.pk, job.run, 0, 32]]})  # redelivered
     embed_batch.apply_async(kwargs={"ranges": [[job.pk, job.run - 1, 32, 64]]})  # older run
-    embed_batch.apply_async(args=[job.pk, 64, 96])  # one range, no run: the current one
     settle(1.0)
     job.refresh_from_db()
     assert job.status == "done" and job.attempts == 1 and job.chunks_done == total

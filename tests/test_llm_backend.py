@@ -10,6 +10,7 @@ from django.template import RequestContext, Template
 from django.test import RequestFactory, override_settings
 
 from core import llm, llm_embedded
+from ingestion import selectors
 from ingestion.models import Corpus
 
 CLOSED_URL = "http://127.0.0.1:9"  # the discard port: nothing answers there
@@ -139,10 +140,10 @@ def test_embedded_backend_has_no_embeddings(decide_again):
 def test_embedded_backend_means_bm25_retrieval_for_every_corpus(decide_again, ollama):
     corpus = Corpus.objects.create(slug="c", name="C", embed_model="bge-m3")
     with override_settings(RMASSIMO_LLM_BACKEND="embedded"):
-        assert corpus.effective_embed_model == ""
+        assert selectors.embed_model(corpus) == ""
     llm.forget_backend()
     with override_settings(RMASSIMO_LLM_BACKEND="ollama"):
-        assert corpus.effective_embed_model == "bge-m3"
+        assert selectors.embed_model(corpus) == "bge-m3"
 
 
 def _render_banner() -> str:

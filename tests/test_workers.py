@@ -196,7 +196,7 @@ def test_question_waits_for_at_most_one_embedding_batch(own_workers, stub, var_d
     from ingestion.tasks import embed_batch
 
     for i in range(1000):
-        embed_batch.apply_async(args=[job.pk, i, i + 1])
+        embed_batch.apply_async(kwargs={"ranges": [[job.pk, job.run, i, i + 1]]})
     worker = Worker(
         name="prio@tests",
         queues=["interactive", "batch", "gpu.0"],

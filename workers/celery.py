@@ -2,7 +2,7 @@
 
 - `interactive`: questions; always first, so a question waits for at most one batch.
 - `batch`: embedding batches of ingestion jobs, and evaluation items.
-- `gpu.<i>`: work pinned to one card (warm-up, health).
+- `gpu.<i>`: questions pinned to one card (a retry sent to another card).
 - `cpu`: parsing, chunking and housekeeping, on the CPU worker.
 """
 
@@ -24,7 +24,6 @@ app.conf.task_routes = {
     # Evaluation items use the GPU like questions, but wait behind them.
     "evaluation.tasks.evaluate_item": {"queue": "batch"},
     "ingestion.tasks.*": {"queue": "cpu"},
-    "workers.tasks.*": {"queue": "cpu"},
 }
 app.autodiscover_tasks()
 
@@ -33,7 +32,7 @@ app.autodiscover_tasks()
 def _schedule(sender, **kwargs) -> None:
     from django.conf import settings
 
-    # The reaper puts back questions whose message or worker was lost (see chat.services).
+    # The reaper puts back questions whose message or worker was lost (see chat.reaper).
     sender.add_periodic_task(
         settings.RMASSIMO_REAPER_S,
         sender.signature("chat.tasks.reap"),

@@ -167,7 +167,7 @@ class Supervisor:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
-    def run(self) -> int:
+    def run(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         for spec in self.specs:
@@ -178,7 +178,7 @@ class Supervisor:
                 for proc in self.procs.values():
                     proc.wait()
                 self._say("all workers stopped")
-                return 0
+                return
             for spec in self.specs:
                 proc = self.procs[spec.name]
                 if proc.poll() is None:

@@ -68,12 +68,9 @@ class Command(BaseCommand):
                     metrics_base=metrics_base,
                 )
             )
-        supervisor = launcher.Supervisor(
+        launcher.Supervisor(
             specs, out=self.stdout, metrics_root=settings.VAR_DIR / "metrics"
-        )
-        code = supervisor.run()
-        if code:
-            raise CommandError("workers stopped with errors", returncode=code)
+        ).run()
 
     def _gpu_specs(
         self, only: tuple[int, ...] | None, slots: int, loglevel: str, metrics_base: int

@@ -1,0 +1,304 @@
+"""The answer job a GPU worker runs: claim the question, hold its lease, retrieve, stream
+the answer, and finish it, fail it or hand it to another card.
+
+Every write of an attempt is conditional on the question still being `running` under this
+attempt's number, so an attempt that lost its claim (cancelled, or taken over after its
+lease ran out) changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from chat import formats, prompts, selectors
+from chat.models import Question
+from core import llm, realtime, vectorstore
+from ingestion import selectors as corpus_selectors
+from ingestion.models import Corpus
+from workers import health, identity
+
+logger = logging.getLogger(__name__)
+
+_CANCEL_CHECK_S = 0.25
+_MAX_STANDALONE_CHARS = 1000
+
+
+class Lost(Exception):
+    """This attempt no longer owns the question: cancelled, or taken over after its lease."""
+
+
+def question_claim(question_id: int) -> tuple[Question | None, float]:
+    """Take the question for this worker. Returns (question, 0) when claimed, (None, s) when
+    another attempt holds a live lease for s more seconds, (None, 0) when nothing is to do.
+
+    A row left `running` by a worker that died is taken over once its lease runs out; the
+    attempt counter in the row makes a late finish of the dead attempt a no-op.
+    """
+    now = timezone.now()
+    claimable = Q(status=Question.Status.QUEUED) | Q(
+        status=Question.Status.RUNNING, lease_until__lt=now
+    )
+    claimed = Question.objects.filter(claimable, pk=question_id).update(
+        status=Question.Status.RUNNING,
+        started_at=now,
+        first_token_at=None,
+        lease_until=now + timedelta(seconds=settings.RMASSIMO_LEASE_S),
+        gpu=identity.gpu_label(),
+        worker=identity.worker_name(),
+        attempts=F("attempts") + 1,
+    )
+    if claimed:
+        return Question.objects.select_related("conversation__corpus").get(pk=question_id), 0
+    row = Question.objects.filter(pk=question_id).values("status", "lease_until").first()
+    if row and row["status"] == Question.Status.RUNNING and row["lease_until"]:
+        return None, max(0.5, (row["lease_until"] - now).total_seconds() + 0.5)
+    return None, 0
+
+
+def question_answer(*, question_id: int) -> float:
+    """Answer one question on this worker's GPU; safe to run twice (the claim decides).
+
+    Returns 0, or the seconds after which the task should try again (the question is held
+    by an attempt whose lease has not run out yet, e.g. a redelivery after a crash).
+    """
+    question, retry_in = question_claim(question_id)
+    if question is None:
+        if not retry_in:
+            logger.info("question %s already finished; nothing to do", question_id)
+        return retry_in
+    if question.attempts > settings.RMASSIMO_MAX_ATTEMPTS:
+        reason = question.error or "the worker answering it stopped unexpectedly each time"
+        question_fail(
+            question=question,
+            message=f"Gave up after {settings.RMASSIMO_MAX_ATTEMPTS} attempts: {reason}",
+        )
+        return 0
+    corpus = question.conversation.corpus
+    base_url = identity.ollama_url()
+    realtime.publish_on_commit(
+        question.conversation_id,
+        {
+            "type": "started",
+            "question": question.pk,
+            "gpu": question.gpu,
+            "attempt": question.attempts,
+        },
+    )
+    try:
+        _answer(question, corpus, base_url)
+        health.llm_succeeded()
+    except Lost:
+        logger.info("question %s: this attempt lost its claim; stopping", question.pk)
+    except llm.LLMError as exc:
+        logger.warning("question %s failed on %s: %s", question.pk, question.gpu, exc)
+        if exc.retryable:
+            health.llm_failed(str(exc))
+        if not (exc.retryable and question.attempts < settings.RMASSIMO_MAX_ATTEMPTS):
+            question_fail(question=question, message=str(exc))
+        elif not question_retry_elsewhere(question=question, message=str(exc)):
+            question_fail(question=question, message=str(exc))
+    except vectorstore.VectorStoreError as exc:
+        logger.warning("question %s failed: %s", question.pk, exc)
+        question_fail(question=question, message=str(exc))
+    except SoftTimeLimitExceeded:
+        question_fail(
+            question=question,
+            message=f"The answer took longer than {settings.RMASSIMO_ANSWER_TIME_LIMIT} seconds "
+            "and was stopped.",
+        )
+    except Exception:
+        logger.exception("question %s failed unexpectedly", question.pk)
+        question_fail(
+            question=question, message="An internal error stopped this answer; please try again."
+        )
+    return 0
+
+
+def question_retry_elsewhere(*, question: Question, message: str) -> bool:
+    """Put the question back, on another healthy GPU when there is one, or on this one
+    after a pause while it is not yet marked unhealthy (a server can be briefly
+    overloaded). False when no GPU can take it: the caller fails it."""
+    from chat.tasks import answer_question
+
+    others = [w for w in health.available_gpu_workers() if w["gpu"] != identity.gpu_label()]
+    if others:
+        queue, countdown = f"gpu.{others[0]['gpu'][3:]}", 0.0
+    elif health.is_healthy()[0]:
+        queue = None
+        countdown = settings.RMASSIMO_RETRY_BACKOFF_S * 2 ** (question.attempts - 1)
+    else:
+        return False
+    released = Question.objects.filter(
+        pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
+    ).update(status=Question.Status.QUEUED, error=message, lease_until=None, answer="")
+    if not released:
+        return True
+    realtime.clear_partial(question.pk)
+    answer_question.apply_async(args=[question.pk], queue=queue, countdown=countdown)
+    realtime.publish_on_commit(
+        question.conversation_id,
+        {"type": "queued", "question": question.pk, "position": 1, "retry": True, "error": message},
+    )
+    return True
+
+
+class _Lease:
+    """Renews this attempt's lease while it streams, and notices cancel or take-over."""
+
+    def __init__(self, question: Question) -> None:
+        self.question = question
+        self.every = min(_CANCEL_CHECK_S, settings.RMASSIMO_LEASE_S / 3)
+        self.length = timedelta(seconds=settings.RMASSIMO_LEASE_S)
+        self.last = time.monotonic()
+
+    def check(self, *, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last < self.every:
+            return
+        self.last = time.monotonic()
+        renewed = Question.objects.filter(
+            pk=self.question.pk,
+            status=Question.Status.RUNNING,
+            attempts=self.question.attempts,
+        ).update(lease_until=timezone.now() + self.length)
+        if not renewed:
+            raise Lost()
+
+
+def _answer(question: Question, corpus: Corpus, base_url: str) -> None:
+    lease = _Lease(question)
+    history = selectors.conversation_history(question, turns=settings.RMASSIMO_HISTORY_TURNS)
+    chat_model = corpus.effective_chat_model
+    standalone = question.text
+    if history:
+        standalone = (
+            llm.complete_chat(
+                prompts.condense_messages(history=history, question=question.text),
+                model=chat_model,
+                base_url=base_url,
+            ).strip()[:_MAX_STANDALONE_CHARS]
+            or question.text
+        )
+
+    retrieval_started = time.monotonic()
+    embed_model = corpus_selectors.embed_model(corpus)
+    embedding = None
+    if embed_model and _vectorstore_call(lambda: vectorstore.has_dense(corpus.pk)):
+        embedding = llm.embed_query(standalone, model=embed_model, base_url=base_url)
+    hits = _vectorstore_call(
+        lambda: vectorstore.search(
+            corpus.pk, text=standalone, embedding=embedding, top_k=settings.RMASSIMO_TOP_K
+        )
+    )
+    retrieval_ms = round((time.monotonic() - retrieval_started) * 1000, 1)
+
+    messages = prompts.answer_messages(
+        persona=corpus.persona_prompt, history=history, hits=hits, question=question.text
+    )
+    stream = realtime.AnswerStream(
+        question_id=question.pk, conversation_id=question.conversation_id
+    )
+    stats = llm.StreamStats()
+    parts: list[str] = []
+    first_token_at = None
+    generation_started = time.monotonic()
+    try:
+        for piece in llm.stream_chat(messages, model=chat_model, base_url=base_url, stats=stats):
+            if first_token_at is None:
+                first_token_at = timezone.now()
+            parts.append(piece)
+            if stream.push(piece):
+                lease.check()
+    except Lost:
+        stream.discard()
+        # Stopped by its owner: keep what was written so far, as the chat showed it.
+        Question.objects.filter(
+            pk=question.pk, status=Question.Status.CANCELLED, attempts=question.attempts
+        ).update(answer="".join(parts))
+        raise
+    stream.flush()
+    generation_ms = stats.eval_ms or round((time.monotonic() - generation_started) * 1000, 1)
+
+    answer = "".join(parts)
+    sources = source_dicts(hits)
+    fields = {
+        "status": Question.Status.DONE,
+        "answer": answer,
+        "error": "",
+        "standalone_text": standalone,
+        "sources": sources,
+        "model": llm.answering_model(chat_model),
+        "retrieval_ms": retrieval_ms,
+        "generation_ms": generation_ms,
+        "prompt_tokens": stats.prompt_tokens or None,
+        "completion_tokens": stats.completion_tokens or None,
+        "first_token_at": first_token_at or timezone.now(),
+        "finished_at": timezone.now(),
+        "lease_until": None,
+    }
+    with transaction.atomic():
+        done = Question.objects.filter(
+            pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
+        ).update(**fields)
+        if not done:
+            raise Lost()
+        for name, value in fields.items():
+            setattr(question, name, value)
+
+        realtime.publish_on_commit(
+            question.conversation_id,
+            {
+                "type": "done",
+                "question": question.pk,
+                "answer": question.answer,
+                "sources": question.sources,
+                "timings": formats.timings(question),
+                "gpu": question.gpu,
+            },
+        )
+        transaction.on_commit(lambda: realtime.clear_partial(question.pk))
+
+
+def _vectorstore_call(call):
+    """Milvus calls: a few quick retries before the failure reaches the person asking."""
+    delays = settings.RMASSIMO_VECTORSTORE_RETRY_DELAYS
+    for delay in delays:
+        try:
+            return call()
+        except vectorstore.VectorStoreError:
+            logger.warning("vector store call failed; retrying in %ss", delay)
+            time.sleep(delay)
+    return call()
+
+
+def question_fail(*, question: Question, message: str) -> None:
+    """End this attempt as failed, with a reason a person can read."""
+    changed = Question.objects.filter(pk=question.pk, status=Question.Status.RUNNING).update(
+        status=Question.Status.FAILED, error=message, finished_at=timezone.now()
+    )
+    realtime.clear_partial(question.pk)
+    if changed:
+        realtime.publish_on_commit(
+            question.conversation_id,
+            {"type": "failed", "question": question.pk, "error": message},
+        )
+
+
+def source_dicts(hits: list[vectorstore.Hit]) -> list[dict]:
+    return [
+        {
+            "document": hit.document_id,
+            "title": hit.title,
+            "page": hit.page,
+            "score": hit.score,
+            "text": hit.text,
+        }
+        for hit in hits
+    ]
