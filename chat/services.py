@@ -43,16 +43,15 @@ def question_create(
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
 
         def enqueue() -> None:
+            # Announced before it is sent: once sent, a worker may claim it at once, which
+            # would make its position 0 and could let `started` overtake `queued`.
+            position = selectors.queue_position(question)
+            realtime.publish(
+                conversation.pk, {"type": "queued", "question": question.pk, "position": position}
+            )
+            realtime.drain()
             answer_question.apply_async(args=[question.pk], queue=queue)
             Question.objects.filter(pk=question.pk).update(enqueued_at=timezone.now())
-            realtime.publish(
-                conversation.pk,
-                {
-                    "type": "queued",
-                    "question": question.pk,
-                    "position": selectors.queue_position(question),
-                },
-            )
 
         transaction.on_commit(enqueue)
     return question
