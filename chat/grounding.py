@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from core import llm, vectorstore
+from ingestion import selectors as corpus_selectors
 from ingestion.models import NO_ANSWER_EN, NO_ANSWER_IT, Corpus
 
 NO_ANSWER = {"en": NO_ANSWER_EN, "it": NO_ANSWER_IT}
@@ -86,7 +87,7 @@ def retrieve(
 ) -> Retrieval:
     """Search the corpus for `text`; `retry` wraps each vector store call."""
     started = time.monotonic()
-    embed_model = corpus.effective_embed_model
+    embed_model = corpus_selectors.embed_model(corpus)
     embedding = None
     if embed_model and retry(lambda: vectorstore.has_dense(corpus.pk)):
         embedding = llm.embed_query(text, model=embed_model, base_url=base_url)
