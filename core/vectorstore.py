@@ -11,6 +11,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -298,6 +299,31 @@ def count(corpus_id: int, *, document_id: int | None = None) -> int:
     except MilvusException as exc:
         raise _unreachable(exc) from exc
     return int(rows[0]["count(*)"]) if rows else 0
+
+
+def rows(corpus_id: int, *, batch: int = 1000) -> Iterator[tuple[str, str, list[float] | None]]:
+    """Every row of the corpus' collection as (vector id, text, dense vector or None), for
+    backups; nothing when the collection does not exist."""
+    client = _client()
+    name = collection_name(corpus_id)
+    try:
+        if not client.has_collection(name):
+            return
+        dense = _collection_dim(client, name) is not None
+        client.load_collection(name)
+        pages = client.query_iterator(
+            name,
+            batch_size=batch,
+            filter="",
+            output_fields=["id", "text", *(["embedding"] if dense else [])],
+        )
+        while page := pages.next():
+            for row in page:
+                vector = row.get("embedding") if dense else None
+                yield row["id"], row["text"], [float(x) for x in vector] if vector else None
+        pages.close()
+    except MilvusException as exc:
+        raise _unreachable(exc) from exc
 
 
 @_measured("drop")
