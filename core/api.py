@@ -21,4 +21,5 @@ class Status(APIView):
 
     @extend_schema(responses=StatusOutput)
     def get(self, request):
-        return Response(StatusOutput(context_processors.status()).data)
+        status = context_processors.status(staff=request.user.is_staff)
+        return Response(StatusOutput(status).data)

@@ -8,8 +8,9 @@ Two backends answer behind the same functions:
   embedding model, so retrieval is BM25 alone.
 
 RMASSIMO_LLM_BACKEND picks one; `auto` takes Ollama when this process' Ollama answers
-`/api/version`, else the embedded model. The choice is made once per process and logged
-as a warning, so nobody mistakes the small embedded model for the real one.
+`/api/version`, else the embedded model. The choice is made once per process and logged,
+as a warning when the embedded model answers or `auto` chose (so nobody mistakes the small
+embedded model for the real one), at INFO when Ollama was asked for by name.
 Every failure leaves here as an `LLMError` whose message a person can read and which names
 the server's URL (or the model file).
 """
@@ -171,9 +172,20 @@ def _decide_when_the_worker_starts(**kwargs) -> None:
         logger.exception("no LLM backend")
 
 
-def describe() -> dict:
-    """What answers here, for the status endpoint and the chat's banner."""
+def describe(*, ollama_urls: list[str] | None = None, show_where: bool = True) -> dict:
+    """What answers here, for the status endpoint and the chat's banner.
+
+    `ollama_urls`: the servers the online GPU workers call (None: unknown, this process'
+    own is named), since they, not this process, answer. `show_where` False names no
+    server at all.
+    """
     chosen = backend()
+    label = chosen.label
+    if not chosen.embedded and not show_where:
+        label = f"ollama: {chosen.model}"
+    elif not chosen.embedded and ollama_urls is not None:
+        where = f"at {', '.join(ollama_urls)}" if ollama_urls else "(no GPU worker online)"
+        label = f"ollama: {chosen.model} {where}"
     embed_model = settings.RMASSIMO_EMBED_MODEL.strip()
     dense = not chosen.embedded and embed_model.lower() not in ("", "none")
     retrieval = "hybrid" if dense else "bm25"
@@ -189,7 +201,7 @@ def describe() -> dict:
             f"Answers come from {chosen.model} on Ollama; passages are found by keyword "
             "search (BM25) only, with no embedding model."
         )
-    return {"llm": chosen.label, "retrieval": retrieval, "banner": banner}
+    return {"llm": label, "retrieval": retrieval, "banner": banner}
 
 
 def answering_model(model: str) -> str:

@@ -207,6 +207,16 @@ def store(corpus_id: int, *, dim: int | None) -> _Store:
     return built
 
 
+def bm25_only(corpus_id: int) -> bool:
+    """True when the corpus' collection exists without a dense field: it keeps that shape
+    whatever is ingested into it later."""
+    try:
+        exists, dim = _shape(_client(), collection_name(corpus_id))
+    except MilvusException as exc:
+        raise _unreachable(exc) from exc
+    return exists and dim is None
+
+
 @_measured("has_dense")
 def has_dense(corpus_id: int) -> bool:
     try:

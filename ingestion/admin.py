@@ -172,6 +172,8 @@ class CorpusAdmin(_DeletesThroughServices, admin.ModelAdmin):
     @admin.display(description="retrieval")
     def retrieval(self, corpus: Corpus) -> str:
         model = selectors.embed_model(corpus)
+        if model and selectors.corpus_retrieval(corpus) == "bm25":
+            return "BM25 only (indexed without embeddings)"
         return f"hybrid ({model} + BM25)" if model else "BM25 only"
 
     @admin.display(description="indexed documents", ordering="_indexed")

@@ -36,7 +36,7 @@ class CorpusOutput(serializers.ModelSerializer):
         return selectors.embed_model(corpus)
 
     def get_retrieval(self, corpus: Corpus) -> str:
-        return "hybrid" if selectors.embed_model(corpus) else "bm25"
+        return selectors.corpus_retrieval(corpus)
 
 
 class CorpusList(generics.ListAPIView):

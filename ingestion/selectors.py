@@ -2,7 +2,7 @@
 
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 
-from core import llm
+from core import llm, vectorstore
 from ingestion.models import Corpus, Document, IngestionJob
 
 
@@ -10,6 +10,20 @@ def corpora() -> QuerySet[Corpus]:
     return Corpus.objects.annotate(
         document_count=Count("documents", filter=Q(documents__status=Document.Status.INDEXED))
     )
+
+
+def corpus_retrieval(corpus: Corpus) -> str:
+    """"hybrid" or "bm25": how the corpus' questions are really searched.
+
+    An embedding model is not enough: a collection first built without one stays BM25 only
+    when its documents are ingested again (see docs/corpus.md).
+    """
+    if not embed_model(corpus):
+        return "bm25"
+    try:
+        return "bm25" if vectorstore.bm25_only(corpus.pk) else "hybrid"
+    except vectorstore.VectorStoreError:
+        return "hybrid"  # the vector store cannot say now; the setting can
 
 
 def corpus_by_slug(slug: str) -> Corpus | None:

@@ -449,3 +449,32 @@ def test_describe_has_one_line_per_card():
 
 def test_describe_without_cards():
     assert describe([]) == "no GPUs (CPU only)"
+
+
+def _workers_started(monkeypatch, spec: str) -> list[str]:
+    """The workers `manage.py run_workers` starts with RMASSIMO_GPUS=spec (no process runs)."""
+    import io
+
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from workers import launcher
+
+    started: list[str] = []
+    monkeypatch.setattr(settings, "RMASSIMO_GPUS", spec)
+    monkeypatch.setattr(
+        launcher.Supervisor, "run", lambda self: started.extend(s.name for s in self.specs) or 0
+    )
+    call_command("run_workers", stdout=io.StringIO())
+    return [name.split("@")[0] for name in started]
+
+
+def test_rmassimo_gpus_0_runs_no_gpu_worker_only_the_cpu_worker(nvml, monkeypatch):
+    nvml(TWO_CARDS)
+    assert _workers_started(monkeypatch, "0") == ["cpu"]
+    assert _workers_started(monkeypatch, "none") == ["cpu"]
+
+
+def test_without_any_card_one_simulated_gpu_worker_still_answers(nvml, monkeypatch):
+    nvml([])
+    assert _workers_started(monkeypatch, "") == ["gpu0", "cpu"]

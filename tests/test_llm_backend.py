@@ -182,3 +182,39 @@ def test_status_endpoint_for_signed_in_users_only(decide_again, api, ollama):
         body = api.owner.get("/api/v1/status/").json()
     assert body["banner"] == ""
     assert body["llm"].startswith("ollama: ")
+
+
+@pytest.mark.django_db
+def test_status_names_the_ollama_the_gpu_workers_call_not_the_web_process_own(
+    decide_again, api, monkeypatch
+):
+    from workers import health
+
+    # As under Compose: the web process has no Ollama of its own; a GPU worker calls its
+    # card's server and says so in its heartbeat.
+    worker = {
+        "RMASSIMO_WORKER_GPU": "gpu7",
+        "RMASSIMO_WORKER_NAME": "gpu7@status-test",
+        "RMASSIMO_OLLAMA_URL": "http://ollama-gpu7:11434",
+    }
+    with monkeypatch.context() as as_worker:
+        for name, value in worker.items():
+            as_worker.setenv(name, value)
+        health.beat(queues=["interactive", "batch", "gpu.7"])
+    try:
+        with override_settings(
+            RMASSIMO_LLM_BACKEND="ollama", OLLAMA_URLS=["http://127.0.0.1:11434"]
+        ):
+            shown = {
+                who: getattr(api, who).get("/api/v1/status/").json()["llm"]
+                for who in ("staff", "owner")
+            }
+    finally:
+        with monkeypatch.context() as as_worker:
+            for name, value in worker.items():
+                as_worker.setenv(name, value)
+            health.gone()
+    assert "http://ollama-gpu7:11434" in shown["staff"]
+    assert "http://127.0.0.1:11434" not in shown["staff"]
+    # Server addresses are for staff, as in the workers API.
+    assert shown["owner"].startswith("ollama: ") and "http" not in shown["owner"]

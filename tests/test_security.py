@@ -99,6 +99,8 @@ def test_production_settings_pass_check_deploy():
     [
         ({"DJANGO_ALLOWED_HOSTS": "rmassimo.example.org"}, "DJANGO_SECRET_KEY"),
         ({"DJANGO_SECRET_KEY": "short", "DJANGO_ALLOWED_HOSTS": "x.org"}, "DJANGO_SECRET_KEY"),
+        # Shorter than the 50 characters the message (and Django's deploy check) ask for.
+        ({"DJANGO_SECRET_KEY": "k" * 40, "DJANGO_ALLOWED_HOSTS": "x.org"}, "DJANGO_SECRET_KEY"),
         ({"DJANGO_SECRET_KEY": "k" * 60}, "DJANGO_ALLOWED_HOSTS"),
     ],
 )

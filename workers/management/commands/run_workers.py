@@ -68,6 +68,8 @@ class Command(BaseCommand):
                     metrics_base=metrics_base,
                 )
             )
+        if not specs:
+            raise CommandError("Nothing to run: RMASSIMO_GPUS names no GPU and --no-cpu was given.")
         launcher.Supervisor(
             specs, out=self.stdout, metrics_root=settings.VAR_DIR / "metrics"
         ).run()
@@ -80,6 +82,12 @@ class Command(BaseCommand):
                 found = [gpus.pinned_group(only)]
             else:
                 found = gpus.discover_gpus(settings.RMASSIMO_GPUS)
+                if not found and gpus.parse_spec(settings.RMASSIMO_GPUS) == 0:
+                    # Asked for by name: a host that only parses and chunks.
+                    self.stdout.write(
+                        f"RMASSIMO_GPUS={settings.RMASSIMO_GPUS}: no GPU worker on this host."
+                    )
+                    return []
             simulated_cpu = not found
             if simulated_cpu:
                 found = [gpus.simulated_gpu(0)]
