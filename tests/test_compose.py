@@ -402,3 +402,22 @@ def test_operations_rules_report_what_an_operator_would_trip_on(compose):
         "worker-cpu is killed 10 s after SIGTERM, before a warm shutdown (330 s)",
     ):
         assert expected in problems
+
+
+def test_make_env_writes_every_variable_compose_requires():
+    import subprocess
+
+    required = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):\?", COMPOSE_FILE.read_text()))
+    written = subprocess.run(
+        ["bash", str(HERE.parent / "scripts" / "make-env.sh"), "rmassimo.example.org"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    values = dict(line.split("=", 1) for line in written.splitlines())
+    assert required - set(values) == set()
+    # The passwords go into URLs (DATABASE_URL, REDIS_URL) unescaped.
+    assert all(
+        re.fullmatch(r"[0-9a-f]{24,}", values[name]) for name in required - {"FLOWER_BASIC_AUTH"}
+    )
+    assert values["RMASSIMO_DOMAIN"] == "rmassimo.example.org"
