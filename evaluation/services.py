@@ -187,7 +187,7 @@ def result_evaluate(*, result_id: int) -> None:
         if finished:
             EvaluationRun.objects.filter(pk=run.pk).update(
                 items_done=F("items_done") + 1,
-                items_failed=F("items_failed") + (status == EvaluationResult.Status.FAILED),
+                items_failed=F("items_failed") + int(status == EvaluationResult.Status.FAILED),
             )
     run_finish(run_id=run.pk)
 
