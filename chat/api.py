@@ -41,11 +41,24 @@ class QuestionOutput(serializers.ModelSerializer):
         ]
 
 
+class StrictCharField(serializers.CharField):
+    """A string, and only a string: DRF's CharField would take 42 as "42"."""
+
+    default_error_messages = {"not_a_string": "Must be a string."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_a_string")
+        return super().to_internal_value(data)
+
+
+class StrictSlugField(StrictCharField, serializers.SlugField):
+    pass
+
+
 class QuestionInput(serializers.Serializer):
-    text = serializers.CharField(
-        max_length=settings.RMASSIMO_QUESTION_MAX_CHARS, trim_whitespace=True
-    )
-    corpus = serializers.SlugField(required=False)
+    text = StrictCharField(max_length=settings.RMASSIMO_QUESTION_MAX_CHARS, trim_whitespace=True)
+    corpus = StrictSlugField(required=False)
     conversation = serializers.IntegerField(required=False, min_value=1)
 
     def validate(self, data):

@@ -4,6 +4,8 @@ The defaults run everything on one machine: SQLite, a local Redis, the Milvus Li
 server started by the run command, and one Ollama on the default port.
 """
 
+import os
+import secrets
 from pathlib import Path
 
 import environ
@@ -15,22 +17,49 @@ VAR_DIR = Path(environ.Env().str("RMASSIMO_VAR_DIR", default=str(BASE_DIR / "var
 env = environ.Env()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-DEBUG = env.bool("DJANGO_DEBUG", default=True)
-_INSECURE_KEY = "django-insecure-local-only-change-me"
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default=_INSECURE_KEY)
+# Off unless asked for: a debug page lists settings, URLs of Redis and Milvus included.
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
-if not DEBUG:
-    # A production process must not start on a key that is published in this file, nor on
-    # one shorter than Django's own deploy check asks for (security.W009).
-    if SECRET_KEY == _INSECURE_KEY or len(SECRET_KEY) < 50:
-        raise ImproperlyConfigured(
-            "DJANGO_SECRET_KEY must be set to a random value of 50 characters or more "
-            "when DJANGO_DEBUG is off."
-        )
-    if not env.list("DJANGO_ALLOWED_HOSTS", default=[]):
-        raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS must be set when DJANGO_DEBUG is off.")
+
+def _secret_key() -> str:
+    """DJANGO_SECRET_KEY, else a random key made on first run and kept in VAR_DIR.
+
+    Every process of one installation reads the same file; the first to need it writes
+    it in one step (a hard link of a finished file), so no process reads half a key.
+    """
+    configured = env.str("DJANGO_SECRET_KEY", default="")
+    if configured:
+        if len(configured) < 50:
+            raise ImproperlyConfigured(
+                "DJANGO_SECRET_KEY must be a random value of 50 characters or more; leave it "
+                f"unset to use one generated in {VAR_DIR / 'secret-key'}."
+            )
+        return configured
+    path = VAR_DIR / "secret-key"
+    if not path.exists():
+        draft = VAR_DIR / f".secret-key.{os.getpid()}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+
+# A site answering only loopback names is reached directly over plain HTTP (the run
+# command); any other name is served through a TLS proxy (docs/deploy.md). DJANGO_HTTPS
+# says which, when the names do not.
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
+HTTPS = env.bool("DJANGO_HTTPS", default=not DEBUG and not set(ALLOWED_HOSTS) <= _LOOPBACK_HOSTS)
+if HTTPS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
     # Prometheus scrapes inside the private network, over plain HTTP.
@@ -64,6 +93,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "core.middleware.ApiErrorsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
@@ -166,6 +196,11 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": [
+        "core.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,

@@ -29,3 +29,7 @@ os.environ.setdefault("RMASSIMO_LLM_BACKEND", "ollama")
 from rmassimo_site.settings import *  # noqa: E402, F403
 
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405
+
+# DEBUG is off by default: the test servers serve static files from the apps (the run
+# command collects them instead).
+WHITENOISE_USE_FINDERS = True
