@@ -1,7 +1,8 @@
-"""manage.py ask "..." --corpus SLUG
+"""manage.py ask "..." --corpus SLUG [--user NAME]
 
 Goes through the same queue and GPU worker as the API; prints the answer as it streams,
-then its sources.
+then its sources. The question is recorded in a new conversation of NAME (by default
+`admin`, the user the run command creates), so it can be followed in that person's chat.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ from core import realtime
 from ingestion import selectors
 
 _POLL_S = 1.0
+DEFAULT_USER = "admin"
 
 
 class Command(BaseCommand):
@@ -26,7 +28,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("text")
         parser.add_argument("--corpus", required=True)
-        parser.add_argument("--user", default="cli", help="Whose conversation records it.")
+        parser.add_argument(
+            "--user",
+            default=DEFAULT_USER,
+            help=f"Whose chat shows the question (default: {DEFAULT_USER}); the user must exist.",
+        )
         parser.add_argument("--timeout", type=float, default=600)
 
     def handle(self, *args, **options):
@@ -36,7 +42,12 @@ class Command(BaseCommand):
         corpus = selectors.corpus_by_slug(options["corpus"])
         if corpus is None:
             raise CommandError(f"Unknown corpus '{options['corpus']}'.")
-        user, _ = get_user_model().objects.get_or_create(username=options["user"])
+        user = get_user_model().objects.filter(username=options["user"]).first()
+        if user is None:
+            raise CommandError(
+                f"No user '{options['user']}': name one with --user, or create it with "
+                "manage.py createsuperuser."
+            )
         conversation = services.conversation_create(owner=user, corpus=corpus, title=text[:80])
         question = asyncio.run(self._ask(conversation, text, options["timeout"]))
         if question.status != Question.Status.DONE:
