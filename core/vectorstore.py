@@ -29,6 +29,15 @@ logger = logging.getLogger(__name__)
 HYBRID_RANKER = "RRFRanker"
 HYBRID_RANKER_PARAMS = {"k": 60}
 _CONNECT_TIMEOUT_S = 5.0
+# pymilvus pings the server every 10 s, even with no call under way. The Milvus Lite server
+# runs gRPC's defaults: pings at most every 5 minutes, and none on an idle connection; past
+# two early ones it answers GOAWAY "too_many_pings" and the client logs it. Pinging only
+# during calls, every 5 minutes at most, is within what Lite and standalone Milvus allow;
+# a connection that died while idle is noticed by the next call, which gRPC redials.
+_GRPC_OPTIONS = {
+    "grpc.keepalive_time_ms": 300_000,
+    "grpc.keepalive_permit_without_calls": False,
+}
 
 
 class VectorStoreError(Exception):
@@ -129,7 +138,10 @@ def _client() -> MilvusClient:
         if client is None:
             try:
                 client = MilvusClient(
-                    uri=settings.MILVUS_URI, token=settings.MILVUS_TOKEN, timeout=_CONNECT_TIMEOUT_S
+                    uri=settings.MILVUS_URI,
+                    token=settings.MILVUS_TOKEN,
+                    timeout=_CONNECT_TIMEOUT_S,
+                    grpc_options=dict(_GRPC_OPTIONS),
                 )
             except MilvusException as exc:
                 raise _unreachable(exc) from exc
@@ -198,6 +210,7 @@ def store(corpus_id: int, *, dim: int | None) -> _Store:
             hybrid_ranker_params=dict(HYBRID_RANKER_PARAMS),
             index_config={"index_type": "AUTOINDEX"},
             timeout=_CONNECT_TIMEOUT_S,
+            grpc_options=dict(_GRPC_OPTIONS),
         )
         built.client.load_collection(name)
     except MilvusException as exc:
