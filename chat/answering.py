@@ -9,12 +9,13 @@ lease ran out) changes nothing.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -93,7 +94,8 @@ def question_answer(*, question_id: int) -> float:
         },
     )
     try:
-        _answer(question, corpus, base_url)
+        with _Lease(question) as lease:
+            _answer(question, corpus, base_url, lease)
         health.llm_succeeded()
     except Lost:
         logger.info("question %s: this attempt lost its claim; stopping", question.pk)
@@ -141,7 +143,7 @@ def question_retry_elsewhere(*, question: Question, message: str) -> bool:
     ).update(status=Question.Status.QUEUED, error=message, lease_until=None, answer="")
     if not released:
         return True
-    realtime.clear_partial(question.pk)
+    realtime.clear_partial(question.pk, question.attempts)
     answer_question.apply_async(args=[question.pk], queue=queue, countdown=countdown)
     realtime.publish_on_commit(
         question.conversation_id,
@@ -151,29 +153,74 @@ def question_retry_elsewhere(*, question: Question, message: str) -> bool:
 
 
 class _Lease:
-    """Renews this attempt's lease while it streams, and notices cancel or take-over."""
+    """This attempt's hold on the question, for as long as the attempt is alive.
+
+    A heartbeat thread renews `lease_until` every third of RMASSIMO_LEASE_S whatever the
+    attempt is doing: condensing the question, embedding it, retrying Milvus, waiting for
+    Ollama to load the model or read the prompt, streaming. Only a dead attempt lets its
+    lease run out, so the reaper hands only dead attempts' questions to another card. The
+    stream also checks at its flushes, so a stop is noticed within _CANCEL_CHECK_S.
+
+    Every renewal matches the attempt number: once the question was cancelled or another
+    attempt took over, a renewal changes nothing and this attempt learns it is lost.
+    """
 
     def __init__(self, question: Question) -> None:
         self.question = question
-        self.every = min(_CANCEL_CHECK_S, settings.RMASSIMO_LEASE_S / 3)
         self.length = timedelta(seconds=settings.RMASSIMO_LEASE_S)
-        self.last = time.monotonic()
+        self.every = settings.RMASSIMO_LEASE_S / 3
+        self.lost = threading.Event()
+        self._stopped = threading.Event()
+        self._last_check = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._beat, name=f"lease-{question.pk}", daemon=True
+        )
 
-    def check(self, *, force: bool = False) -> None:
-        if not force and time.monotonic() - self.last < self.every:
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=10)
+
+    def _renew(self) -> bool:
+        return bool(
+            Question.objects.filter(
+                pk=self.question.pk,
+                status=Question.Status.RUNNING,
+                attempts=self.question.attempts,
+            ).update(lease_until=timezone.now() + self.length)
+        )
+
+    def _beat(self) -> None:
+        try:
+            while not self._stopped.wait(self.every):
+                try:
+                    if not self._renew():
+                        self.lost.set()
+                        return
+                except DatabaseError:
+                    # The database is away: the next beat tries again. Should it stay away
+                    # past the lease, the question may go to another card, which is right.
+                    logger.warning("question %s: could not renew its lease", self.question.pk)
+                    connections.close_all()
+        finally:
+            connections.close_all()  # this thread's own connection
+
+    def check(self) -> None:
+        """Raise Lost once this attempt no longer holds the question."""
+        if self.lost.is_set():
+            raise Lost()
+        if time.monotonic() - self._last_check < _CANCEL_CHECK_S:
             return
-        self.last = time.monotonic()
-        renewed = Question.objects.filter(
-            pk=self.question.pk,
-            status=Question.Status.RUNNING,
-            attempts=self.question.attempts,
-        ).update(lease_until=timezone.now() + self.length)
-        if not renewed:
+        self._last_check = time.monotonic()
+        if not self._renew():
+            self.lost.set()
             raise Lost()
 
 
-def _answer(question: Question, corpus: Corpus, base_url: str) -> None:
-    lease = _Lease(question)
+def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) -> None:
     history = selectors.conversation_history(question, turns=settings.RMASSIMO_HISTORY_TURNS)
     chat_model = corpus.effective_chat_model
     standalone = question.text
@@ -186,6 +233,7 @@ def _answer(question: Question, corpus: Corpus, base_url: str) -> None:
             ).strip()[:_MAX_STANDALONE_CHARS]
             or question.text
         )
+        lease.check()
 
     retrieval_started = time.monotonic()
     embed_model = corpus_selectors.embed_model(corpus)
@@ -198,12 +246,15 @@ def _answer(question: Question, corpus: Corpus, base_url: str) -> None:
         )
     )
     retrieval_ms = round((time.monotonic() - retrieval_started) * 1000, 1)
+    lease.check()
 
     messages = prompts.answer_messages(
         persona=corpus.persona_prompt, history=history, hits=hits, question=question.text
     )
     stream = realtime.AnswerStream(
-        question_id=question.pk, conversation_id=question.conversation_id
+        question_id=question.pk,
+        conversation_id=question.conversation_id,
+        attempt=question.attempts,
     )
     stats = llm.StreamStats()
     parts: list[str] = []
@@ -263,7 +314,7 @@ def _answer(question: Question, corpus: Corpus, base_url: str) -> None:
                 "gpu": question.gpu,
             },
         )
-        transaction.on_commit(lambda: realtime.clear_partial(question.pk))
+        transaction.on_commit(lambda: realtime.clear_partial(question.pk, question.attempts))
 
 
 def _vectorstore_call(call):
@@ -280,10 +331,12 @@ def _vectorstore_call(call):
 
 def question_fail(*, question: Question, message: str) -> None:
     """End this attempt as failed, with a reason a person can read."""
-    changed = Question.objects.filter(pk=question.pk, status=Question.Status.RUNNING).update(
-        status=Question.Status.FAILED, error=message, finished_at=timezone.now()
+    changed = Question.objects.filter(
+        pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
+    ).update(
+        status=Question.Status.FAILED, error=message, finished_at=timezone.now(), lease_until=None
     )
-    realtime.clear_partial(question.pk)
+    realtime.clear_partial(question.pk, question.attempts)
     if changed:
         realtime.publish_on_commit(
             question.conversation_id,

@@ -51,8 +51,16 @@ def _replay_events(conversation_id: int) -> list[dict]:
                 "attempt": question.attempts,
             }
         )
-        for seq, text in enumerate(realtime.partial_answer(question.pk)):
-            events.append({"type": "delta", "question": question.pk, "seq": seq, "text": text})
+        for seq, text in enumerate(realtime.partial_answer(question.pk, question.attempts)):
+            events.append(
+                {
+                    "type": "delta",
+                    "question": question.pk,
+                    "attempt": question.attempts,
+                    "seq": seq,
+                    "text": text,
+                }
+            )
     return events
 
 
@@ -64,6 +72,9 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         self.replayed_seq: dict[int, int] = {}
         self.replayed_attempt: dict[int, int | None] = {}
         self.replayed_queued: set[int] = set()
+        # The newest attempt seen per question: deltas of an older one, which lost its
+        # claim but streamed a little longer, are not shown.
+        self.attempt: dict[int, int] = {}
 
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -86,6 +97,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
                 self.replayed_seq[question] = event["seq"]
             elif event["type"] == "started":
                 self.replayed_attempt[question] = event.get("attempt")
+                self._saw_attempt(question, event.get("attempt"))
             else:
                 self.replayed_queued.add(question)
             await self.send_json(event)
@@ -111,9 +123,16 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.send_json(event)
 
+    def _saw_attempt(self, question: int, attempt: int | None) -> None:
+        if attempt is not None:
+            self.attempt[question] = max(attempt, self.attempt.get(question, attempt))
+
     def _already_sent(self, event: dict) -> bool:
         kind, question = event.get("type"), event.get("question")
         if kind == "delta":
+            attempt = event.get("attempt")
+            if attempt is not None and attempt < self.attempt.get(question, attempt):
+                return True
             return event.get("seq", -1) <= self.replayed_seq.get(question, -1)
         if kind == "queued":
             if question in self.replayed_queued:
@@ -121,6 +140,7 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
                 return True
             return False
         if kind == "started":
+            self._saw_attempt(question, event.get("attempt"))
             if question in self.replayed_attempt:
                 replayed = self.replayed_attempt.pop(question)
                 if event.get("attempt") in (replayed, None):

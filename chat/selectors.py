@@ -46,5 +46,5 @@ def with_answer_so_far(questions: Iterable[Question]) -> list[Question]:
     questions = list(questions)
     for question in questions:
         if question.status == Question.Status.RUNNING:
-            question.answer = "".join(realtime.partial_answer(question.pk))
+            question.answer = "".join(realtime.partial_answer(question.pk, question.attempts))
     return questions

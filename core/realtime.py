@@ -3,7 +3,9 @@
 Events go to the channel-layer group of a conversation; websocket consumers forward them.
 While an answer streams, its deltas are also appended to a Redis list, so a client that
 (re)connects mid-answer reads the text so far with sequence numbers, then follows the live
-deltas, dropping any it has already seen. The DB holds the final text.
+deltas, dropping any it has already seen. The list is kept per attempt: an attempt that
+lost its claim can neither add to nor delete the text of the one that holds it. The DB
+holds the final text.
 
 Celery workers and management commands are synchronous: they publish through one event
 loop per process, running in a daemon thread, because channels_redis binds its connections
@@ -42,8 +44,8 @@ def group_name(conversation_id: int) -> str:
     return f"conversation.{int(conversation_id)}"
 
 
-def _partial_key(question_id: int) -> str:
-    return f"rmassimo:partial:{int(question_id)}"
+def _partial_key(question_id: int, attempt: int) -> str:
+    return f"rmassimo:partial:{int(question_id)}:{int(attempt)}"
 
 
 def _background_loop() -> tuple[asyncio.AbstractEventLoop, asyncio.Queue]:
@@ -118,9 +120,11 @@ async def _send_forever(outbox: asyncio.Queue) -> None:
 class AnswerStream:
     """Coalesces the model's tokens into deltas: one push per interval or size, not per token."""
 
-    def __init__(self, *, question_id: int, conversation_id: int) -> None:
+    def __init__(self, *, question_id: int, conversation_id: int, attempt: int) -> None:
         self.question_id = question_id
         self.conversation_id = conversation_id
+        self.attempt = attempt
+        self._key = _partial_key(question_id, attempt)
         self.seq = 0
         self._buffer: list[str] = []
         self._buffered_chars = 0
@@ -128,7 +132,7 @@ class AnswerStream:
         self._last_flush = float("-inf")
         self._interval = settings.RMASSIMO_STREAM_FLUSH_MS / 1000.0
         self._max_chars = settings.RMASSIMO_STREAM_FLUSH_CHARS
-        redis_client().delete(_partial_key(question_id))
+        redis_client().delete(self._key)
 
     def push(self, text: str) -> bool:
         """Buffer text; returns True when it was flushed (a moment to check for cancel)."""
@@ -147,25 +151,30 @@ class AnswerStream:
         text = "".join(self._buffer)
         self._buffer.clear()
         self._buffered_chars = 0
-        key = _partial_key(self.question_id)
         pipe = redis_client().pipeline()
-        pipe.rpush(key, text)
-        pipe.expire(key, PARTIAL_TTL_S)
+        pipe.rpush(self._key, text)
+        pipe.expire(self._key, PARTIAL_TTL_S)
         length, _ = pipe.execute()
         self.seq = int(length) - 1
         publish(
             self.conversation_id,
-            {"type": "delta", "question": self.question_id, "seq": self.seq, "text": text},
+            {
+                "type": "delta",
+                "question": self.question_id,
+                "attempt": self.attempt,
+                "seq": self.seq,
+                "text": text,
+            },
         )
 
     def discard(self) -> None:
-        redis_client().delete(_partial_key(self.question_id))
+        redis_client().delete(self._key)
 
 
-def partial_answer(question_id: int) -> list[str]:
-    """The deltas sent so far for an answer still streaming; index = sequence number."""
-    return list(redis_client().lrange(_partial_key(question_id), 0, -1))
+def partial_answer(question_id: int, attempt: int) -> list[str]:
+    """The deltas an attempt has sent so far while streaming; index = sequence number."""
+    return list(redis_client().lrange(_partial_key(question_id, attempt), 0, -1))
 
 
-def clear_partial(question_id: int) -> None:
-    redis_client().delete(_partial_key(question_id))
+def clear_partial(question_id: int, attempt: int) -> None:
+    redis_client().delete(_partial_key(question_id, attempt))

@@ -124,7 +124,9 @@ def test_running_answer_shows_the_text_so_far(people, corpus):
     question = Question.objects.create(
         conversation=conversation, text="Tell me", status=Question.Status.RUNNING, gpu="gpu0"
     )
-    stream = realtime.AnswerStream(question_id=question.pk, conversation_id=conversation.pk)
+    stream = realtime.AnswerStream(
+        question_id=question.pk, conversation_id=conversation.pk, attempt=question.attempts
+    )
     stream.push("Half of the ")
     stream.flush()
     stream.push("answer")

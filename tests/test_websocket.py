@@ -188,7 +188,9 @@ def test_replayed_parts_are_not_sent_twice(api):
         gpu="gpu1",
         attempts=1,
     )
-    stream = realtime.AnswerStream(question_id=question.pk, conversation_id=conversation.pk)
+    stream = realtime.AnswerStream(
+        question_id=question.pk, conversation_id=conversation.pk, attempt=1
+    )
     for part in ("Once ", "upon ", "a "):
         stream.push(part)
         stream.flush()
@@ -208,7 +210,9 @@ def test_replayed_parts_are_not_sent_twice(api):
             {"type": "delta", "seq": 3, "text": "time"},
             # A second attempt (the first one's worker died): its seqs start again at 0.
             {"type": "started", "gpu": "gpu0", "attempt": 2},
-            {"type": "delta", "seq": 0, "text": "Once upon a time"},
+            # The first attempt, not yet aware it lost its claim, streams on: not shown.
+            {"type": "delta", "attempt": 1, "seq": 4, "text": " stale"},
+            {"type": "delta", "attempt": 2, "seq": 0, "text": "Once upon a time"},
             {"type": "done", "answer": "Once upon a time"},
         ):
             await sync_to_async(publish)(event)
@@ -222,9 +226,9 @@ def test_replayed_parts_are_not_sent_twice(api):
         stream.discard()
     assert replayed == [
         {"type": "started", "question": question.pk, "gpu": "gpu1", "attempt": 1},
-        {"type": "delta", "question": question.pk, "seq": 0, "text": "Once "},
-        {"type": "delta", "question": question.pk, "seq": 1, "text": "upon "},
-        {"type": "delta", "question": question.pk, "seq": 2, "text": "a "},
+        {"type": "delta", "question": question.pk, "attempt": 1, "seq": 0, "text": "Once "},
+        {"type": "delta", "question": question.pk, "attempt": 1, "seq": 1, "text": "upon "},
+        {"type": "delta", "question": question.pk, "attempt": 1, "seq": 2, "text": "a "},
     ]
     assert [(e["type"], e.get("seq")) for e in live_events] == [
         ("delta", 3),
@@ -277,7 +281,10 @@ def test_stop_ends_the_stream_as_cancelled(live, api):
 
     def stopped_streaming(question_id):
         return wait_for(
-            lambda: realtime.partial_answer(question_id) == [],
+            lambda: realtime.partial_answer(
+                question_id, Question.objects.get(pk=question_id).attempts
+            )
+            == [],
             timeout=10,
             what="the worker to stop streaming",
         )

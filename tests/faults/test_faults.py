@@ -188,3 +188,22 @@ def test_unreachable_milvus_fails_readably(fault_stack, corpus_dir):
     result = final(fault_stack, pk, timeout=90)
     assert result["status"] == "failed"
     assert "vector store" in result["error"] and dead in result["error"]
+
+
+def test_a_first_token_three_leases_away_is_generated_once(fault_stack, corpus_dir):
+    """A model load or a long prompt takes longer than the lease: the attempt holds the
+    question all the while, so the reaper gives it to no other card."""
+    lease_s = float(fault_stack.env["RMASSIMO_LEASE_S"])
+    cards = [fault_stack.stub(f"gpu{i}", tps=50, reply_tokens=10) for i in (0, 1)]
+    for i, card in enumerate(cards):
+        fault_stack.worker(f"gpu{i}", stub=card, RMASSIMO_OLLAMA_TIMEOUT=str(10 * lease_s))
+    fault_stack.ingest(corpus_dir)
+    for card in cards:
+        card.configure(latency=3 * lease_s)
+    pk = fault_stack.ask("What did Vesuvius bury?")
+    result = final(fault_stack, pk, timeout=90)
+    assert result["status"] == "done", result["error"]
+    generations = [c for card in cards for c in card.calls if c["path"] == "/api/chat"]
+    assert len(generations) == 1
+    assert result["attempts"] == 1
+    assert echoed_tokens(result["answer"]) == 10

@@ -85,7 +85,11 @@ class Command(BaseCommand):
                     # Fill any gap from the stored partial text before printing live.
                     missing = range(printed + 1, event["seq"])
                     parts = (
-                        await sync_to_async(realtime.partial_answer)(question.pk) if missing else []
+                        await sync_to_async(realtime.partial_answer)(
+                            question.pk, event.get("attempt", 0)
+                        )
+                        if missing
+                        else []
                     )
                     text = (
                         "".join(parts[seq] for seq in missing if seq < len(parts)) + event["text"]

@@ -104,6 +104,7 @@
     this.id = parseInt(el.dataset.question, 10);
     this.body = el.querySelector(".a-body");
     this.parts = null; // delta texts by seq while streaming
+    this.attempt = 0; // the attempt whose text is shown
     this.text = this.body.textContent;
     this.renderPending = false;
   }
@@ -240,12 +241,16 @@
         }
         break;
       case "started":
+        if (event.attempt && turn.attempt && event.attempt < turn.attempt) break;
+        turn.attempt = event.attempt || turn.attempt;
         turn.parts = [];
         turn.setText("");
         turn.setStatus("running", event.gpu ? fmt(S.runningOn, event) : S.running);
         break;
       case "delta":
         if (FINAL[turn.status()]) break;
+        // An attempt that lost its claim may stream a little longer: not its text.
+        if (event.attempt && turn.attempt && event.attempt < turn.attempt) break;
         if (!turn.parts) turn.parts = [];
         turn.parts[event.seq] = event.text; // by seq: a repeated delta changes nothing
         if (turn.status() !== "running") turn.setStatus("running", S.running);
