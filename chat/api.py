@@ -166,6 +166,11 @@ class ConversationInput(serializers.Serializer):
 
 class ConversationListCreate(generics.ListAPIView):
     serializer_class = ConversationOutput
+    # Each new conversation is a row: created as freely as questions are asked, no more.
+    throttle_scope = "conversation"
+
+    def get_throttles(self):
+        return [ScopedRateThrottle()] if self.request.method == "POST" else []
 
     def get_queryset(self):
         return selectors.conversations_of(self.request.user)

@@ -17,8 +17,10 @@ from chat.models import Conversation, Question
 from core import metrics, realtime
 
 CLOSE_UNAUTHENTICATED = 4401
-CLOSE_FORBIDDEN = 4403
+# Someone else's conversation closes like a missing one, as the HTTP API answers 404 to
+# both: a different code would tell which ids exist.
 CLOSE_NOT_FOUND = 4404
+_MAX_ID = 2**63 - 1  # past a bigint column: no such row, and no database error
 
 _FINAL_EVENTS = {"done", "failed", "cancelled"}
 
@@ -80,11 +82,9 @@ class ConversationConsumer(AsyncJsonWebsocketConsumer):
         if user is None or not user.is_authenticated:
             return await self._refuse(CLOSE_UNAUTHENTICATED)
         conversation_id = int(self.scope["url_route"]["kwargs"]["conversation_id"])
-        owner_id = await _owner_of(conversation_id)
-        if owner_id is None:
+        owner_id = await _owner_of(conversation_id) if conversation_id <= _MAX_ID else None
+        if owner_id is None or owner_id != user.pk:
             return await self._refuse(CLOSE_NOT_FOUND)
-        if owner_id != user.pk:
-            return await self._refuse(CLOSE_FORBIDDEN)
 
         self.group = realtime.group_name(conversation_id)
         await self.channel_layer.group_add(self.group, self.channel_name)

@@ -1,4 +1,5 @@
-from django.urls import path
+from channels.security.websocket import WebsocketDenier
+from django.urls import path, re_path
 
 from chat import consumers
 
@@ -8,4 +9,7 @@ websocket_urlpatterns = [
         consumers.ConversationConsumer.as_asgi(),
         name="ws-conversation",
     ),
+    # Any other path is refused at the handshake (HTTP 403) instead of failing in the
+    # router with a server error.
+    re_path(r"", WebsocketDenier.as_asgi()),
 ]

@@ -339,18 +339,32 @@ class DocumentAdmin(_DeletesThroughServices, admin.ModelAdmin):
         extra_context = {**(extra_context or {}), "auto_refresh": _REFRESH_S if active else None}
         return super().change_view(request, object_id, form_url, extra_context)
 
-    @admin.action(description="Ingest selected documents (those not indexed)")
+    def has_ingest_permission(self, request) -> bool:
+        # Ingesting, re-ingesting and removing from the index change a document's state,
+        # though its fields are never edited in a form.
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+
+    @admin.action(
+        description="Ingest selected documents (those not indexed)", permissions=["ingest"]
+    )
     def ingest(self, request, queryset):
         jobs = [services.document_ingest(document=d) for d in queryset]
         count = sum(1 for job in jobs if job is not None)
         self.message_user(request, f"{count} document(s) queued; the others were indexed.")
 
-    @admin.action(description="Re-ingest selected documents (parse and embed again)")
+    @admin.action(
+        description="Re-ingest selected documents (parse and embed again)",
+        permissions=["ingest"],
+    )
     def reingest(self, request, queryset):
         count = sum(1 for d in queryset if services.document_ingest(document=d, force=True))
         self.message_user(request, f"{count} document(s) queued for re-ingestion.")
 
-    @admin.action(description="Remove selected documents from the index (keep them listed)")
+    @admin.action(
+        description="Remove selected documents from the index (keep them listed)",
+        permissions=["ingest"],
+    )
     def remove_from_index(self, request, queryset):
         try:
             for document in queryset:
@@ -468,7 +482,11 @@ class IngestionJobAdmin(admin.ModelAdmin):
         extra_context = {**(extra_context or {}), "auto_refresh": _REFRESH_S if active else None}
         return super().change_view(request, object_id, form_url, extra_context)
 
-    @admin.action(description="Retry failed (or stalled) jobs")
+    def has_retry_permission(self, request) -> bool:
+        opts = self.opts
+        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+
+    @admin.action(description="Retry failed (or stalled) jobs", permissions=["retry"])
     def retry(self, request, queryset):
         count = services.jobs_retry(jobs=queryset)
         skipped = queryset.count() - count

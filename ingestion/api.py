@@ -57,7 +57,19 @@ class IsStaff(permissions.BasePermission):
         return bool(request.user and request.user.is_staff)
 
 
-STAFF = [permissions.IsAuthenticated, IsStaff]
+class ModelPermissions(permissions.DjangoModelPermissions):
+    """Django's model permissions, the ones the admin asks for: reading needs `view`,
+    adding `add`, deleting `delete` (a superuser has them all)."""
+
+    message = "Your account lacks the permission for this; an administrator can grant it."
+    perms_map = {
+        **permissions.DjangoModelPermissions.perms_map,
+        "GET": ["%(app_label)s.view_%(model_name)s"],
+        "HEAD": ["%(app_label)s.view_%(model_name)s"],
+    }
+
+
+STAFF = [permissions.IsAuthenticated, IsStaff, ModelPermissions]
 
 
 class VectorStoreUnavailable(APIException):

@@ -110,17 +110,27 @@ def check_size(size: int) -> None:
         )
 
 
-def detect(data: bytes, *, name: str, content_type: str = "") -> str:
+def detect_file(handle, *, name: str) -> str:
+    """detect() for an uploaded file, reading its head (and a Word file's zip directory)
+    instead of the whole of it into memory."""
+    handle.seek(0)
+    head = handle.read(_SNIFF_BYTES)
+    handle.seek(0)
+    return detect(head, name=name, package=handle)
+
+
+def detect(data: bytes, *, name: str, content_type: str = "", package=None) -> str:
     """The kind of document the bytes are, checked against the name's extension.
 
     `content_type` is a server's Content-Type header, used only to tell HTML from plain
     text when the name has no extension (a URL like https://example.org/about).
+    `package`, a file object, stands for the whole document when `data` is its head.
     """
     if not data.strip():
         raise ParseError("The file is empty.")
     suffix = PurePath(name).suffix.lower()
     claimed = SUFFIX_KINDS.get(suffix)
-    found = _sniff(data)
+    found = _sniff(data, package)
     if found is None:
         guess = filetype.guess(data[:_SNIFF_BYTES])
         what = f"{guess.mime} (.{guess.extension})" if guess else "binary data"
@@ -153,23 +163,39 @@ def _looks_like_url_path(name: str) -> bool:
     return "://" in name
 
 
-def _sniff(data: bytes) -> str | None:
+def _sniff(data: bytes, package=None) -> str | None:
     head = data[:_SNIFF_BYTES]
     if b"%PDF-" in head[:1024]:
         return PDF
     if head.startswith(b"PK\x03\x04"):
-        return DOCX if _is_docx(data) else None
+        return DOCX if _is_docx(package if package is not None else io.BytesIO(data)) else None
     if filetype.guess(head) is not None:
         return None  # an image, archive, executable, audio...: not something to read
     return TEXT
 
 
-def _is_docx(data: bytes) -> bool:
+def _is_docx(handle) -> bool:
+    """Whether the zip is a Word package; ParseError when it unpacks to too much."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as package:
-            return "word/document.xml" in package.namelist()
+        with zipfile.ZipFile(handle) as package:
+            entries = package.infolist()
+            if "word/document.xml" not in {entry.filename for entry in entries}:
+                return False
+            # The sizes in the zip's directory bound what unpacking yields (zipfile stops
+            # at the declared size), so they are checked before anything is unpacked.
+            unpacked = sum(entry.file_size for entry in entries)
     except (zipfile.BadZipFile, ValueError):
         return False
+    finally:
+        if hasattr(handle, "seek"):
+            handle.seek(0)
+    limit = settings.RMASSIMO_DOCX_MAX_UNPACKED_BYTES
+    if unpacked > limit:
+        raise ParseError(
+            f"The Word document unpacks to {unpacked:,} bytes, over the limit of {limit:,} "
+            "bytes (RMASSIMO_DOCX_MAX_UNPACKED_BYTES)."
+        )
+    return True
 
 
 def parse(data: bytes, *, name: str, content_type: str = "") -> Parsed:

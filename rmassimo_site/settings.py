@@ -6,6 +6,7 @@ server started by the run command, and one Ollama on the default port.
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -60,7 +61,7 @@ SECRET_KEY = _secret_key()
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]"}
 HTTPS = env.bool("DJANGO_HTTPS", default=not DEBUG and not set(ALLOWED_HOSTS) <= _LOOPBACK_HOSTS)
 if HTTPS:
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # X-Forwarded-Proto is believed only with RMASSIMO_BEHIND_PROXY (below).
     SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
     # Prometheus scrapes inside the private network, over plain HTTP.
     SECURE_REDIRECT_EXEMPT = [r"^metrics$"]
@@ -84,6 +85,8 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    "axes",
+    "csp",
     "core",
     "ingestion",
     "chat",
@@ -102,6 +105,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its refusal.
+    "axes.middleware.AxesMiddleware",
 ]
 
 # Metrics (core/metrics.py, docs/operations.md): RMASSIMO_METRICS=0 records nothing.
@@ -195,7 +201,7 @@ REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "core.auth.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -205,9 +211,14 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.MultiPartParser",
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "core.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_THROTTLE_RATES": {"ask": env.str("RMASSIMO_ASK_RATE", default="60/min")},
+    "DEFAULT_THROTTLE_RATES": {
+        "ask": env.str("RMASSIMO_ASK_RATE", default="60/min"),
+        "conversation": env.str(
+            "RMASSIMO_CONVERSATION_RATE", default=env.str("RMASSIMO_ASK_RATE", default="60/min")
+        ),
+    },
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "R.Massimo API",
@@ -375,3 +386,51 @@ RMASSIMO_PREPARE_GROUP = env.int("RMASSIMO_PREPARE_GROUP", default=16)
 # Workers keep their database connection between tasks (Celery opens a new one per task
 # otherwise); workers.signals checks it before each task as Django does before a request.
 CELERY_DB_REUSE_MAX = env.int("RMASSIMO_DB_REUSE_MAX", default=1000)
+
+# Who is let in (docs/security.md).
+# Behind a reverse proxy that sets X-Forwarded-Proto and appends the client's address to
+# X-Forwarded-For, these headers are believed; otherwise anyone could send them to skip
+# the HTTPS redirect or to pose as another address and dodge the login throttle.
+RMASSIMO_BEHIND_PROXY = env.bool("RMASSIMO_BEHIND_PROXY", default=False)
+if RMASSIMO_BEHIND_PROXY:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+REST_FRAMEWORK["NUM_PROXIES"] = 1 if RMASSIMO_BEHIND_PROXY else 0
+# Logins (session and admin) by django-axes: this many failures from one address lock it
+# out for the cool-off time; a success resets the count.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("RMASSIMO_LOGIN_FAILURES", default=10)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("RMASSIMO_LOGIN_LOCKOUT_MIN", default=15))
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "core.auth.client_ip"
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False  # lockouts are still logged as warnings; no banner in every process
+# Wrong API tokens (HTTP and websocket): this many from one address in the period refuse
+# every token from it (429) until the period ends.
+RMASSIMO_BAD_TOKEN_RATE = env.str("RMASSIMO_BAD_TOKEN_RATE", default="10/min")
+RMASSIMO_MAX_PAGE_SIZE = env.int("RMASSIMO_MAX_PAGE_SIZE", default=200)
+# URL ingestion never reaches loopback, private, link-local or metadata addresses, except
+# on these hosts (names as written in the URL, e.g. an intranet wiki).
+RMASSIMO_FETCH_ALLOWED_HOSTS = env.list("RMASSIMO_FETCH_ALLOWED_HOSTS", default=[])
+# A Word file is a zip: this bounds what it unpacks to (a small file can unpack to gigabytes).
+RMASSIMO_DOCX_MAX_UNPACKED_BYTES = env.int(
+    "RMASSIMO_DOCX_MAX_UNPACKED_BYTES", default=200 * 1024 * 1024
+)
+# Every HTML page: only this site's scripts run. The chat sets a stricter one of its own.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        # The admin and the API docs set style attributes; scripts stay locked down.
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}

@@ -118,19 +118,44 @@ def _client_for(user) -> APIClient:
     return client
 
 
+# What the people who run the corpus are granted: the admin and the API ask for these.
+OPERATOR_PERMISSIONS = (
+    "ingestion.view_document",
+    "ingestion.add_document",
+    "ingestion.change_document",
+    "ingestion.delete_document",
+    "ingestion.view_ingestionjob",
+    "ingestion.change_ingestionjob",
+    "workers.view_worker",
+)
+
+
+def grant(user, permissions=OPERATOR_PERMISSIONS) -> None:
+    from django.contrib.auth.models import Permission
+
+    for name in permissions:
+        app_label, codename = name.split(".")
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        )
+
+
 @pytest.fixture
 def make_user(django_user_model):
-    def make(username: str, *, staff: bool = False):
-        return django_user_model.objects.create_user(
+    def make(username: str, *, staff: bool = False, permissions=()):
+        user = django_user_model.objects.create_user(
             username=username, password="pw-" + username, is_staff=staff
         )
+        grant(user, permissions)
+        return user
 
     return make
 
 
 @pytest.fixture
 def api(make_user):
-    """API clients: .owner, .other, .staff (token auth) and .anon."""
+    """API clients: .owner, .other, .staff (token auth, with the operators' permissions)
+    and .anon."""
 
     class Clients:
         pass
@@ -138,7 +163,7 @@ def api(make_user):
     clients = Clients()
     clients.owner_user = make_user("owner")
     clients.other_user = make_user("other")
-    clients.staff_user = make_user("staff", staff=True)
+    clients.staff_user = make_user("staff", staff=True, permissions=OPERATOR_PERMISSIONS)
     clients.owner = _client_for(clients.owner_user)
     clients.other = _client_for(clients.other_user)
     clients.staff = _client_for(clients.staff_user)

@@ -84,10 +84,15 @@ class Route:
     status: int = 200
     delay: float = 0.0  # seconds before answering (a slow or hung server)
     delays: list[float] = field(default_factory=list)  # per request, then `delay`
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. Location, for a redirect
 
 
 class LocalSite:
-    """Serves fixed routes on 127.0.0.1; records each request's path."""
+    """Serves fixed routes on 127.0.0.1; records each request's path.
+
+    Its URL names it `localhost`, the host the tests allow URL ingestion to reach
+    (RMASSIMO_FETCH_ALLOWED_HOSTS): 127.0.0.1 itself is refused like any internal address.
+    """
 
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
@@ -109,6 +114,8 @@ class LocalSite:
                     self.send_response(route.status)
                     self.send_header("Content-Type", route.content_type)
                     self.send_header("Content-Length", str(len(route.body)))
+                    for name, value in route.headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(route.body)
                 except OSError:
@@ -122,8 +129,12 @@ class LocalSite:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"http://localhost:{self.port}"
 
     def count(self, path: str) -> int:
         return sum(1 for hit in self.hits if hit == path)

@@ -23,6 +23,9 @@ os.environ.setdefault("RMASSIMO_OLLAMA_TIMEOUT", "10")
 os.environ.setdefault("RMASSIMO_LOG_LEVEL", "WARNING")
 os.environ.setdefault("RMASSIMO_ASK_RATE", "1000/min")
 os.environ.setdefault("RMASSIMO_HEARTBEAT_S", "0.5")
+# The tests' little web sites listen on loopback: URL ingestion may reach them by this name
+# only (127.0.0.1 stays refused, as every internal address is).
+os.environ.setdefault("RMASSIMO_FETCH_ALLOWED_HOSTS", "localhost")
 # The suite's workers talk to Ollama stand-ins; a test of the embedded model says so itself.
 os.environ.setdefault("RMASSIMO_LLM_BACKEND", "ollama")
 
@@ -33,3 +36,5 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405
 # DEBUG is off by default: the test servers serve static files from the apps (the run
 # command collects them instead).
 WHITENOISE_USE_FINDERS = True
+# Logging in is part of many tests; a slow hash would only slow them down.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -276,13 +276,16 @@ def test_fleet_page_draws_the_last_hour(observed, asker, stub, chromium, django_
         assert "/admin/login/" in page.url  # not staff: not in
         login("fleetboss")
         page.wait_for_url("**/admin/workers/fleet/")
-        page.wait_for_function("Number(document.getElementById('fleet').dataset.drawn || 0) >= 1")
+
+        def drawn() -> int:
+            # Read from Python: the page's CSP forbids the eval that wait_for_function uses.
+            return page.evaluate("Number(document.getElementById('fleet').dataset.drawn || 0)")
+
+        wait_for(lambda: drawn() >= 1, timeout=20, what="the fleet page to draw")
         assert page.locator("#fleet canvas").count() >= 4
         assert WORKER in page.locator("#fleet-workers").inner_text()
         # It refreshes itself.
-        page.wait_for_function(
-            "Number(document.getElementById('fleet').dataset.drawn || 0) >= 2", timeout=30_000
-        )
+        wait_for(lambda: drawn() >= 2, timeout=30, what="the fleet page to refresh")
         page.screenshot(path=str(ARTIFACTS / "admin-fleet.png"), full_page=True)
         data = page.evaluate("fetch('/admin/workers/fleet/data/').then(r => r.json())")
         assert sum(data["busy"]["series"]["gpu0"]) > 0

@@ -30,6 +30,7 @@ from tests.processes import wait_for
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+HOST = (b"host", b"127.0.0.1:8000")  # what a browser on that page connects to
 FINAL = {"done", "failed", "cancelled"}
 
 
@@ -115,12 +116,19 @@ def test_only_the_owner_may_join(api):
         cases = {
             "token header, no Origin": ([owner_auth], ""),
             "token query, no Origin": ([], f"token={owner_key}"),
-            "token query, browser Origin": ([ORIGIN], f"token={owner_key}"),
-            "session, browser Origin": ([ORIGIN, owner_cookie], ""),
+            "token query, browser Origin": ([ORIGIN, HOST], f"token={owner_key}"),
+            "session, browser Origin": ([ORIGIN, HOST, owner_cookie], ""),
             "session, no Origin": ([owner_cookie], ""),
-            "session, foreign Origin": ([(b"origin", b"https://evil.example"), owner_cookie], ""),
-            "anonymous": ([ORIGIN], ""),
-            "wrong token beats a good session": ([ORIGIN, owner_cookie], "token=not-a-key"),
+            "session, foreign Origin": (
+                [(b"origin", b"https://evil.example"), HOST, owner_cookie],
+                "",
+            ),
+            "session, another port of this host": (
+                [(b"origin", b"http://127.0.0.1:9999"), HOST, owner_cookie],
+                "",
+            ),
+            "anonymous": ([ORIGIN, HOST], ""),
+            "wrong token beats a good session": ([ORIGIN, HOST, owner_cookie], "token=not-a-key"),
             "other user": ([], f"token={theirs_key}"),
             "staff": ([staff_auth], ""),
         }
@@ -137,10 +145,12 @@ def test_only_the_owner_may_join(api):
     # Without a token a client must be a browser from this site.
     assert results["session, no Origin"][0] is False
     assert results["session, foreign Origin"][0] is False
+    assert results["session, another port of this host"][0] is False
     assert results["anonymous"] == (True, 4401)
     assert results["wrong token beats a good session"] == (True, 4401)
-    assert results["other user"] == (True, 4403)
-    assert results["staff"] == (True, 4403)
+    # Someone else's conversation closes exactly as a missing one: ids cannot be probed.
+    assert results["other user"] == (True, 4404)
+    assert results["staff"] == (True, 4404)
     assert results["no such conversation"] == (True, 4404)
 
 
@@ -387,7 +397,7 @@ def test_real_server_closes_with_a_reason(api, web_server):  # noqa: F811
         return codes
 
     assert async_to_sync(scenario)() == {
-        "other": 4403,
+        "other": 4404,
         "missing": 4404,
         "anonymous": 4401,
         "foreign origin": 403,

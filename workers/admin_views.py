@@ -2,14 +2,19 @@
 the fleet's last hour drawn, for people who run no Prometheus."""
 
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.http import JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import path
 
 from workers import selectors
+from workers.models import VIEW_PERMISSION
 
 
 def workers_view(request):
+    # Hosts, Ollama addresses and job arguments: for those allowed to see them.
+    if not request.user.has_perm(VIEW_PERMISSION):
+        raise PermissionDenied
     context = {
         **admin.site.each_context(request),
         "title": "GPU workers",

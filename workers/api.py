@@ -6,6 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from workers import selectors
+from workers.models import VIEW_PERMISSION
 
 
 class QueueOutput(serializers.Serializer):
@@ -15,19 +16,25 @@ class QueueOutput(serializers.Serializer):
 
 class CurrentJobOutput(serializers.Serializer):
     task = serializers.CharField()
-    id = serializers.CharField()
-    args = serializers.ListField(child=serializers.JSONField())
+    id = serializers.CharField(help_text="Empty unless you may see workers' details.")
+    args = serializers.ListField(
+        child=serializers.JSONField(), help_text="Empty unless you may see workers' details."
+    )
     since = serializers.FloatField()
     running_s = serializers.FloatField()
+
+
+_DETAIL = "Shown to staff with the permission to view GPU workers; empty otherwise."
 
 
 class WorkerOutput(serializers.Serializer):
     name = serializers.CharField()
     gpu = serializers.CharField()
-    host = serializers.CharField()
+    host = serializers.CharField(help_text=_DETAIL)
+    pid = serializers.IntegerField(allow_null=True, help_text=_DETAIL)
     online = serializers.BooleanField()
     healthy = serializers.BooleanField()
-    health_error = serializers.CharField()
+    health_error = serializers.CharField(help_text=_DETAIL)
     last_seen = serializers.FloatField(allow_null=True)
     started_at = serializers.FloatField(allow_null=True)
     current_job = CurrentJobOutput(allow_null=True)
@@ -35,15 +42,33 @@ class WorkerOutput(serializers.Serializer):
     tokens_per_s = serializers.FloatField()
     answers_last_minute = serializers.IntegerField()
     queues = QueueOutput(many=True)
-    ollama_url = serializers.CharField(help_text="Shown to staff only.")
+    ollama_url = serializers.CharField(help_text=_DETAIL)
+
+
+def may_see_details(user) -> bool:
+    return bool(user.is_staff and user.has_perm(VIEW_PERMISSION))
+
+
+def _without_details(entry: dict) -> dict:
+    """What every user may know: which GPUs there are, whether they work, how busy."""
+    job = entry["current_job"]
+    if job:
+        # The arguments are another user's question id; the task id leads to them.
+        job = {**job, "id": "", "args": []}
+    return {
+        **entry,
+        "host": "",
+        "pid": None,
+        "health_error": "",
+        "ollama_url": "",
+        "current_job": job,
+    }
 
 
 class WorkerList(APIView):
     @extend_schema(responses={200: WorkerOutput(many=True)})
     def get(self, request):
         entries = selectors.gpu_workers()
-        if not request.user.is_staff:
-            # Internal addresses are for the people who run the servers.
-            for entry in entries:
-                entry["ollama_url"] = ""
+        if not may_see_details(request.user):
+            entries = [_without_details(entry) for entry in entries]
         return Response(WorkerOutput(entries, many=True).data)

@@ -1,0 +1,17 @@
+"""The workers live in Redis (workers.health), not in the database. This model has no
+table: it gives the admin and the API a permission to ask for before showing a worker's
+host, process, job arguments, errors and Ollama address."""
+
+from django.db import models
+
+VIEW_PERMISSION = "workers.view_worker"
+
+
+class Worker(models.Model):
+    class Meta:
+        managed = False
+        default_permissions = ("view",)
+        verbose_name = "GPU worker"
+
+    def __str__(self) -> str:
+        return f"GPU worker {self.pk}"
