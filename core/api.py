@@ -6,6 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core import context_processors
+from workers.models import may_see_details
 
 
 class StatusOutput(serializers.Serializer):
@@ -21,5 +22,5 @@ class Status(APIView):
 
     @extend_schema(responses=StatusOutput)
     def get(self, request):
-        status = context_processors.status(staff=request.user.is_staff)
+        status = context_processors.status(staff=may_see_details(request.user))
         return Response(StatusOutput(status).data)

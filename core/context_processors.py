@@ -7,6 +7,7 @@ from django.http import HttpRequest
 
 from core import llm
 from workers import health
+from workers.models import may_see_details
 
 
 def backend(request: HttpRequest) -> dict:
@@ -16,12 +17,12 @@ def backend(request: HttpRequest) -> dict:
 
 
 def _is_staff(request: HttpRequest) -> bool:
-    user = getattr(request, "user", None)
-    return bool(user is not None and user.is_staff)
+    return may_see_details(getattr(request, "user", None))
 
 
 def status(*, staff: bool = False) -> dict:
-    """What answers; the servers' URLs only for staff, as in the workers API."""
+    """What answers; the servers' URLs only for staff allowed to see the workers' details,
+    as in the workers API."""
     try:
         if not staff:
             return llm.describe(ollama_urls=None, show_where=False)

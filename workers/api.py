@@ -6,7 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from workers import selectors
-from workers.models import VIEW_PERMISSION
+from workers.models import may_see_details
 
 
 class QueueOutput(serializers.Serializer):
@@ -43,10 +43,6 @@ class WorkerOutput(serializers.Serializer):
     answers_last_minute = serializers.IntegerField()
     queues = QueueOutput(many=True)
     ollama_url = serializers.CharField(help_text=_DETAIL)
-
-
-def may_see_details(user) -> bool:
-    return bool(user.is_staff and user.has_perm(VIEW_PERMISSION))
 
 
 def _without_details(entry: dict) -> dict:

@@ -7,6 +7,11 @@ from django.db import models
 VIEW_PERMISSION = "workers.view_worker"
 
 
+def may_see_details(user) -> bool:
+    """Whether `user` may see where the workers run: hosts, Ollama URLs, job arguments."""
+    return bool(user is not None and user.is_staff and user.has_perm(VIEW_PERMISSION))
+
+
 class Worker(models.Model):
     class Meta:
         managed = False
