@@ -9,12 +9,18 @@ time until the answer is complete - the stand-in's generation time (first token 
 tokens / tokens-per-second, the same schedule for both).
 
     .venv/bin/python bench/pipeline.py [--questions 100] [--tps 200] [--tokens 20]
+
+With --metrics-ab it measures what the metrics cost instead: two daphne servers and two
+workers, one pair with metrics on (the workers in multiprocess mode, as run_workers
+starts them) and one with RMASSIMO_METRICS=0, answer the same questions in alternating
+rounds of ten; the added time per question is the difference of the two medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
 from stack import Stack, percentile, token_for, wait
@@ -68,7 +74,15 @@ def main() -> None:
     parser.add_argument("--tps", type=float, default=200.0)
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--latency", type=float, default=0.02)
+    parser.add_argument("--metrics-ab", action="store_true", help="metrics on against off")
+    parser.add_argument("--recording-cost", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.recording_cost:
+        print(f"{recording_cost_us():.1f}")
+        return
+    if args.metrics_ab:
+        metrics_ab(args)
+        return
 
     stack = Stack(name="pipeline")
     try:
@@ -155,6 +169,142 @@ def main() -> None:
         )
     finally:
         stack.close()
+
+
+def metrics_ab(args) -> None:
+    """Metrics on against off, same stack, alternating rounds (see the module's doc)."""
+    stack = Stack(name="pipeline")
+    try:
+        from ingestion import services
+        from ingestion.models import IngestionJob
+        from tests.processes import free_port
+        from workers.celery import app
+
+        stub = stack.stub(name="gpu0", tps=args.tps, latency=args.latency, reply_tokens=args.tokens)
+        queues = ["interactive", "batch", "gpu.0", "cpu"]
+        multiproc = stack.var / "metrics"
+        multiproc.mkdir()
+        arms = {
+            "on": {
+                "RMASSIMO_METRICS": "1",
+                "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+                "RMASSIMO_METRICS_PORT": str(free_port()),
+            },
+            "off": {"RMASSIMO_METRICS": "0"},
+        }
+        for arm, env in arms.items():
+            stack.worker(name=f"gpu0@{arm}", queues=queues, ollama_url=stub.url, gpu="gpu0", **env)
+        bases = {
+            "on": stack.web(RMASSIMO_METRICS="1"),
+            "off": stack.web(RMASSIMO_METRICS="0"),
+        }
+
+        def consume(arm: str, on: bool) -> None:
+            action = app.control.add_consumer if on else app.control.cancel_consumer
+            for queue in queues:
+                action(queue, destination=[f"gpu0@{arm}"], reply=True, timeout=10)
+
+        consume("on", False)
+        corpus, _ = services.corpus_get_or_create(slug="bench")
+        docs = corpus_texts()
+        jobs = [
+            services.document_add(corpus=corpus, source=name, data=text.encode()).job.pk
+            for name, text in docs.items()
+        ]
+        wait(
+            lambda: IngestionJob.objects.filter(pk__in=jobs, status="done").count() == len(jobs),
+            timeout=300,
+            what="ingestion",
+        )
+        generation = args.latency + args.tokens / args.tps
+        topics = sorted(docs)
+        questions = [
+            f"What does the documentation say about {topics[i % len(topics)][:-4]}?"
+            for i in range(args.questions)
+        ]
+        token = token_for("bench")
+        added: dict[str, list[float]] = {"on": [], "off": []}
+        for start in range(0, len(questions), 10):
+            batch = questions[start : start + 10]
+            for arm in ("off", "on") if (start // 10) % 2 else ("on", "off"):
+                other = "off" if arm == "on" else "on"
+                consume(other, False)
+                consume(arm, True)
+                added[arm] += asyncio.run(ask_all(bases[arm], token, batch, generation))
+        on, off = percentile(added["on"], 0.5), percentile(added["off"], 0.5)
+        print(
+            f"{len(docs)} documents; {args.questions} questions per arm in alternating rounds "
+            f"of 10; stand-in generation {generation * 1000:.0f} ms per answer"
+        )
+        print(f"{'added on top of generation':34}{'median':>10}{'p95':>11}")
+        for arm in ("off", "on"):
+            print(
+                f"{'metrics ' + arm:34}{percentile(added[arm], 0.5):>7.2f} ms"
+                f"{percentile(added[arm], 0.95):>8.2f} ms"
+            )
+        print(f"\nmetrics cost per question (median on - median off): {on - off:+.2f} ms")
+        import subprocess
+        import sys
+
+        # In a fresh process in multiprocess mode, as in a worker's pool process.
+        timed = subprocess.run(
+            [sys.executable, __file__, "--recording-cost"],
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        print(f"recording calls of one question, timed alone (multiprocess mode): {timed} µs")
+    finally:
+        stack.close()
+
+
+def recording_cost_us(rounds: int = 2000) -> float:
+    """The calls one answered question makes into core.metrics, timed in this process."""
+    import types
+    from datetime import UTC, datetime, timedelta
+
+    from core import metrics
+
+    now = datetime.now(UTC)
+    corpus = types.SimpleNamespace(slug="bench", effective_chat_model="m")
+    question = types.SimpleNamespace(
+        gpu="gpu0",
+        status="done",
+        conversation=types.SimpleNamespace(corpus=corpus),
+        model="m",
+        created_at=now,
+        started_at=now + timedelta(milliseconds=5),
+        first_token_at=now + timedelta(milliseconds=50),
+        finished_at=now + timedelta(milliseconds=150),
+        retrieval_ms=8.0,
+        generation_ms=100.0,
+    )
+    task = types.SimpleNamespace(
+        name="chat.tasks.answer_question",
+        request=types.SimpleNamespace(
+            delivery_info={"routing_key": "interactive"}, eta=None, rmassimo_sent_at=None
+        ),
+    )
+    started = time.perf_counter()
+    for _ in range(rounds):
+        headers: dict = {}
+        metrics.task_published(headers)
+        task.request.rmassimo_sent_at = headers[metrics.SENT_AT_HEADER]
+        metrics.task_started(task, "gpu0")
+        for _search in range(2):  # has_dense and search
+            metrics.milvus_call("search", 0.002, failed=False)
+        metrics.model_call(
+            model="m",
+            gpu="gpu0",
+            first_token_s=0.02,
+            prompt_tokens=300,
+            completion_tokens=20,
+            load_s=0.0,
+        )
+        metrics.question_finished(question)
+        metrics.task_ended(task, "succeeded", "gpu0")
+    return (time.perf_counter() - started) / rounds * 1e6
 
 
 if __name__ == "__main__":

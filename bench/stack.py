@@ -66,10 +66,10 @@ class Stack:
         self.procs.append(worker)
         return worker
 
-    def web(self) -> str:
+    def web(self, **extra_env: str) -> str:
         """Start daphne on a free port; returns its base URL."""
         port = free_port()
-        log = (self.var / "logs" / "web.log").open("wb")
+        log = (self.var / "logs" / f"web-{port}.log").open("wb")
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -82,7 +82,7 @@ class Stack:
                 "rmassimo_site.asgi:application",
             ],
             cwd=ROOT,
-            env=self.processes.worker_env(),
+            env=self.processes.worker_env(**extra_env),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -68,6 +68,19 @@ def setup(*, service: str, processor=None) -> None:
     logger.info("tracing on: spans exported for %s", service)
 
 
+def teardown() -> None:
+    """Undo setup() (tests): no instrumentation, no spans."""
+    global _enabled, _tracer
+    if not _enabled:
+        return
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.instrumentation.django import DjangoInstrumentor
+
+    DjangoInstrumentor().uninstrument()
+    CeleryInstrumentor().uninstrument()
+    _enabled, _tracer = False, None
+
+
 @contextlib.contextmanager
 def span(name: str, *, current: bool = True, **attributes):
     """A child span of the current one while tracing is on; nothing otherwise.

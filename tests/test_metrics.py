@@ -127,7 +127,8 @@ def test_the_exposition_follows_prometheus_conventions():
         [promtool(), "check", "metrics"], input=text, capture_output=True, timeout=30
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-    assert b"rmassimo_questions_created" not in text
+    assert b"gen_ai_server_time_to_first_token_seconds_created" not in text
+    assert b"gen_ai_server_time_to_first_token_seconds_count" in text
 
 
 def test_promtool_accepts_the_alert_rules():
