@@ -293,3 +293,50 @@ def test_fleet_page_draws_the_last_hour(observed, asker, stub, chromium, django_
         assert data["queues"]["x"], "no queue depth sample"
     finally:
         context.close()
+
+
+# --- run_web: several daphne processes answer /metrics for all of them --------------------
+
+
+def test_any_web_process_answers_for_all_of_them(django_db_setup, var_dir, tmp_path):
+    import sys
+
+    from tests.processes import port_open, worker_env
+
+    port = free_port()
+    log = (var_dir / "logs" / f"run_web-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "run_web", "--port", str(port), "--processes", "2"],
+        cwd=ROOT,
+        env=worker_env(RMASSIMO_METRICS_TOKEN=TOKEN, RMASSIMO_VAR_DIR=str(tmp_path)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: port_open("127.0.0.1", port), timeout=60, what="run_web")
+
+        def pids() -> set[str]:
+            files = (tmp_path / "metrics" / "web").glob("*.db")
+            return {f.stem.rsplit("_", 1)[-1] for f in files}
+
+        wait_for(lambda: len(pids()) >= 2, timeout=60, what="both processes to record")
+        for _ in range(20):  # a new connection each: the kernel spreads them over both
+            assert httpx.get(f"{base}/accounts/login/", timeout=10).status_code == 200
+        counts = set()
+        for _ in range(6):
+            text = httpx.get(
+                f"{base}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+            ).text
+            counts.add(
+                value(
+                    parse(text),
+                    "django_http_requests_total_by_view_transport_method_total",
+                    view="login",
+                    method="GET",
+                )
+            )
+        assert counts == {20.0}
+    finally:
+        stop(proc)
