@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from chat import formats, prompts, selectors
 from chat.models import Question
-from core import llm, realtime, vectorstore
+from core import llm, metrics, realtime, tracing, vectorstore
 from ingestion import selectors as corpus_selectors
 from ingestion.models import Corpus
 from workers import health, identity
@@ -172,9 +172,7 @@ class _Lease:
         self.lost = threading.Event()
         self._stopped = threading.Event()
         self._last_check = time.monotonic()
-        self._thread = threading.Thread(
-            target=self._beat, name=f"lease-{question.pk}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{question.pk}", daemon=True)
 
     def __enter__(self) -> _Lease:
         self._thread.start()
@@ -236,15 +234,16 @@ def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) ->
         lease.check()
 
     retrieval_started = time.monotonic()
-    embed_model = corpus_selectors.embed_model(corpus)
-    embedding = None
-    if embed_model and _vectorstore_call(lambda: vectorstore.has_dense(corpus.pk)):
-        embedding = llm.embed_query(standalone, model=embed_model, base_url=base_url)
-    hits = _vectorstore_call(
-        lambda: vectorstore.search(
-            corpus.pk, text=standalone, embedding=embedding, top_k=settings.RMASSIMO_TOP_K
+    with tracing.span("retrieval", rmassimo__corpus=corpus.slug):
+        embed_model = corpus_selectors.embed_model(corpus)
+        embedding = None
+        if embed_model and _vectorstore_call(lambda: vectorstore.has_dense(corpus.pk)):
+            embedding = llm.embed_query(standalone, model=embed_model, base_url=base_url)
+        hits = _vectorstore_call(
+            lambda: vectorstore.search(
+                corpus.pk, text=standalone, embedding=embedding, top_k=settings.RMASSIMO_TOP_K
+            )
         )
-    )
     retrieval_ms = round((time.monotonic() - retrieval_started) * 1000, 1)
     lease.check()
 
@@ -315,6 +314,7 @@ def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) ->
             },
         )
         transaction.on_commit(lambda: realtime.clear_partial(question.pk, question.attempts))
+    metrics.question_finished(question)  # metrics: outcome, waits, tokens from the row
 
 
 def _vectorstore_call(call):
@@ -331,13 +331,13 @@ def _vectorstore_call(call):
 
 def question_fail(*, question: Question, message: str) -> None:
     """End this attempt as failed, with a reason a person can read."""
+    now = timezone.now()
     changed = Question.objects.filter(
         pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
-    ).update(
-        status=Question.Status.FAILED, error=message, finished_at=timezone.now(), lease_until=None
-    )
+    ).update(status=Question.Status.FAILED, error=message, finished_at=now, lease_until=None)
     realtime.clear_partial(question.pk, question.attempts)
     if changed:
+        metrics.question_finished(question, outcome="failed", finished_at=now)  # metrics
         realtime.publish_on_commit(
             question.conversation_id,
             {"type": "failed", "question": question.pk, "error": message},

@@ -11,7 +11,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from chat.models import Question
-from core import realtime
+from core import metrics, realtime
 from workers import health
 
 logger = logging.getLogger(__name__)
@@ -64,12 +64,15 @@ def requeue_stale(*, now=None) -> dict:
         message = "No GPU worker is available to answer right now" + (
             f" ({'; '.join(reasons)[:400]})." if reasons else "; is run_workers running?"
         )
-        for question in Question.objects.filter(pk__in=waiting, status=Question.Status.QUEUED):
+        for question in Question.objects.filter(
+            pk__in=waiting, status=Question.Status.QUEUED
+        ).select_related("conversation__corpus"):
             changed = Question.objects.filter(pk=question.pk, status=Question.Status.QUEUED).update(
                 status=Question.Status.FAILED, error=message, finished_at=now
             )
             if changed:
                 stranded += 1
+                metrics.question_finished(question, outcome="failed", finished_at=now)  # metrics
                 realtime.publish_on_commit(
                     question.conversation_id,
                     {"type": "failed", "question": question.pk, "error": message},

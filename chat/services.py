@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from chat import selectors
 from chat.models import Conversation, Question
-from core import realtime
+from core import metrics, realtime
 from ingestion.models import Corpus
 
 
@@ -67,6 +67,8 @@ def question_cancel(*, question: Question) -> bool:
             question.conversation_id, {"type": "cancelled", "question": question.pk}
         )
     question.refresh_from_db()
+    if changed:
+        metrics.question_finished(question)  # metrics: counted as cancelled
     return bool(changed)
 
 

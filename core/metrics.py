@@ -193,18 +193,19 @@ def _seconds(start, end) -> float | None:
     return max(0.0, (end - start).total_seconds())
 
 
-def question_finished(question) -> None:
-    """Record a question that reached done, failed or cancelled, from its row."""
+def question_finished(question, *, outcome: str | None = None, finished_at=None) -> None:
+    """Record a question that reached done, failed or cancelled, from its row (`outcome`
+    and `finished_at` when the row object was not updated with them)."""
     if not ENABLED:
         return
     try:
         gpu = question.gpu or "none"
-        status = str(question.status)
+        status = str(outcome or question.status)
         corpus = question.conversation.corpus.slug
         model = question.model or question.conversation.corpus.effective_chat_model
         QUESTIONS.labels(corpus, model, gpu, status).inc()
         created = question.created_at
-        total = _seconds(created, question.finished_at)
+        total = _seconds(created, finished_at or question.finished_at)
         if total is not None:
             QUESTION_DURATION.labels(gpu, status).observe(total)
         if status != "done":
@@ -451,9 +452,27 @@ def start_worker_exporter(*, gpu: str, slots: int) -> int | None:
         return None
     if gpu != "cpu":
         GPU_SLOTS.labels(gpu).set(slots)
+    _start_error_counters_at_zero()
     address = os.environ.get("RMASSIMO_METRICS_ADDR", "127.0.0.1")
     server, _thread = start_http_server(int(port), addr=address, registry=worker_registry(gpu))
     return int(server.server_address[1])
+
+
+OLLAMA_STATUSES = ("404", "429", "500", "503", "unreachable", "timeout", "broken")
+MILVUS_OPERATIONS = ("search", "upsert", "delete", "flush", "count", "has_dense", "drop")
+
+
+def _start_error_counters_at_zero() -> None:
+    """A counter that appears with its first error shows no increase to rate(): the
+    first failure would go unseen by the alerts. This worker's Ollama and Milvus error
+    series start at 0 instead."""
+    from workers import identity
+
+    server = identity.ollama_url().rstrip("/")
+    for status in OLLAMA_STATUSES:
+        OLLAMA_ERRORS.labels(server, status)
+    for operation in MILVUS_OPERATIONS:
+        MILVUS_ERRORS.labels(operation)
 
 
 def child_exited(pid: int) -> None:

@@ -40,8 +40,8 @@ from django.db.models import (
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from core import vectorstore
-from ingestion.models import Chunk, Document, IngestionJob
+from core import metrics, vectorstore
+from ingestion.models import Chunk, Corpus, Document, IngestionJob
 from workers import identity
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ def job_fail(*, job_id: int, message: str, run: int | None = None) -> bool:
             Document.objects.filter(jobs__pk=job_id).exclude(status=Document.Status.REMOVED).update(
                 status=Document.Status.FAILED, error=message
             )
+    if changed:
+        _count(IngestionJob.objects.filter(pk=job_id), "failed")  # metrics
     return bool(changed)
 
 
@@ -108,27 +110,34 @@ def jobs_claim(*, job_ids: list[int], delivery: str) -> list[IngestionJob]:
 
 
 def job_skip(*, job: IngestionJob, started: float) -> None:
-    IngestionJob.objects.filter(pk=job.pk, status=IngestionJob.Status.RUNNING, run=job.run).update(
+    skipped = IngestionJob.objects.filter(
+        pk=job.pk, status=IngestionJob.Status.RUNNING, run=job.run
+    ).update(
         status=IngestionJob.Status.SKIPPED,
         finished_at=timezone.now(),
         prepare_seconds=round(time.monotonic() - started, 3),
     )
+    if skipped:
+        _count(IngestionJob.objects.filter(pk=job.pk), "skipped")  # metrics
     Document.objects.filter(pk=job.document_id).update(status=Document.Status.INDEXED, error="")
 
 
 def jobs_supersede(*, document: Document) -> None:
     # Their steps check the job's status before each write, so they stop where they are.
-    IngestionJob.objects.filter(document=document, status__in=ACTIVE).update(
+    superseded = IngestionJob.objects.filter(document=document, status__in=ACTIVE).update(
         status=IngestionJob.Status.FAILED,
         error="Superseded: a newer version of the document was added.",
         finished_at=timezone.now(),
     )
+    if superseded:
+        metrics.ingestion_job(corpus=_slug(document.corpus_id), outcome="failed", count=superseded)
 
 
 def job_create_failed(*, document: Document, message: str) -> IngestionJob:
     now = timezone.now()
     Document.objects.filter(pk=document.pk).update(status=Document.Status.FAILED, error=message)
     document.refresh_from_db()
+    metrics.ingestion_job(corpus=document.corpus.slug, outcome="failed")
     return IngestionJob.objects.create(
         document=document,
         status=IngestionJob.Status.FAILED,
@@ -203,6 +212,7 @@ def jobs_finish_complete(*, corpus_id: int, runs: list[tuple[int, int]]) -> None
             ),
             error="",
         )
+    _count_done(corpus_id, complete)  # metrics
     for job in complete:
         if job.run == 1 and not job.has_history:
             continue
@@ -219,6 +229,25 @@ def jobs_finish_complete(*, corpus_id: int, runs: list[tuple[int, int]]) -> None
             vectorstore.flush(corpus_id)
         except vectorstore.VectorStoreError:
             logger.warning("corpus %s: could not flush its collection", corpus_id)
+
+
+def _slug(corpus_id: int) -> str:
+    return Corpus.objects.filter(pk=corpus_id).values_list("slug", flat=True).first() or ""
+
+
+def _count_done(corpus_id: int, complete: list[IngestionJob]) -> None:
+    if not metrics.ENABLED:
+        return
+    slug = _slug(corpus_id)
+    metrics.ingestion_job(corpus=slug, outcome="done", count=len(complete))
+    metrics.ingestion_documents(corpus=slug, count=len(complete))
+    metrics.ingestion_chunks(corpus=slug, count=sum(job.chunks_done for job in complete))
+
+
+def _count(jobs, outcome: str) -> None:
+    if metrics.ENABLED:
+        for slug in jobs.values_list("document__corpus__slug", flat=True):
+            metrics.ingestion_job(corpus=slug, outcome=outcome)
 
 
 def runs_q(runs) -> Q:

@@ -18,7 +18,7 @@ from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
-from core import vectorstore
+from core import metrics, vectorstore
 from ingestion import fetching, parsing, selectors
 from ingestion.jobs import ACTIVE, job_create_failed, jobs_supersede, retryable_jobs
 from ingestion.models import Chunk, Corpus, Document, IngestionJob
@@ -250,11 +250,13 @@ def document_remove_from_index(*, document: Document) -> None:
     vectorstore.delete_document(document.corpus_id, document.pk)
     with transaction.atomic():
         Document.objects.select_for_update().filter(pk=document.pk).first()
-        IngestionJob.objects.filter(document=document, status__in=ACTIVE).update(
+        stopped = IngestionJob.objects.filter(document=document, status__in=ACTIVE).update(
             status=IngestionJob.Status.FAILED,
             error="Stopped: the document was removed from the index.",
             finished_at=timezone.now(),
         )
+        if stopped:
+            metrics.ingestion_job(corpus=document.corpus.slug, outcome="failed", count=stopped)
         Chunk.objects.filter(document=document).delete()
         Document.objects.filter(pk=document.pk).update(
             status=Document.Status.REMOVED, indexed_hash="", chunk_count=0, error=""

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.authtoken.models import Token
 
+from chat.models import Question
+from ingestion.models import Document, IngestionJob
 from tests import conftest
 from tests.browser import ARTIFACTS, Daphne, chromium  # noqa: F401  (fixture)
 from tests.corpus import build_corpus
@@ -146,6 +149,94 @@ def ask_and_wait(client, corpus_slug: str, text: str) -> dict:
     return wait_for(final, timeout=60, interval=0.1, what=f"question {qid}")
 
 
+def test_worker_and_web_figures_equal_the_database(observed, asker, stub):
+    corpus = build_corpus(slug="observed")
+    worker_before, web_before = observed.scrape_worker(), observed.scrape_web()
+
+    # Two questions fail (the model is missing: not retried), three are answered.
+    stub.configure(fail_status=404, fail_message="model not found", fail_count=2)
+    failed = [ask_and_wait(asker, "observed", f"Failing question {i}?") for i in range(2)]
+    stub.configure(fail_count=0)
+    done = [ask_and_wait(asker, "observed", f"What about Vesuvius, take {i}?") for i in range(3)]
+    assert [q["status"] for q in failed] == ["failed", "failed"]
+    assert [q["status"] for q in done] == ["done", "done", "done"]
+
+    after = observed.scrape_worker()
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(worker_before, name, **labels)
+
+    rows = Question.objects.filter(conversation__corpus=corpus)
+    n_done = rows.filter(status="done").count()
+    n_failed = rows.filter(status="failed").count()
+    assert (n_done, n_failed) == (3, 2)
+    labels = {"corpus": "observed", "gpu": "gpu0"}
+    assert delta("rmassimo_questions_total", outcome="done", **labels) == n_done
+    assert delta("rmassimo_questions_total", outcome="failed", **labels) == n_failed
+    assert delta("rmassimo_question_first_token_seconds_count", gpu="gpu0") == n_done
+    first_token = sum(
+        (q.first_token_at - q.created_at).total_seconds() for q in rows.filter(status="done")
+    )
+    assert delta("rmassimo_question_first_token_seconds_sum") == pytest.approx(
+        first_token, abs=1e-3
+    )
+    retrieval = sum(q.retrieval_ms for q in rows.filter(status="done")) / 1000
+    assert delta("rmassimo_question_retrieval_seconds_sum") == pytest.approx(retrieval, abs=1e-3)
+    assert delta("rmassimo_question_duration_seconds_count", outcome="failed") == n_failed
+    tokens_out = sum(q.completion_tokens for q in rows.filter(status="done"))
+    tokens_in = sum(q.prompt_tokens for q in rows.filter(status="done"))
+    assert (
+        delta("gen_ai_client_token_usage_sum", gen_ai_token_type="output", gpu="gpu0") == tokens_out
+    )
+    assert (
+        delta("gen_ai_client_token_usage_sum", gen_ai_token_type="input", gpu="gpu0") == tokens_in
+    )
+    assert delta("gen_ai_server_time_to_first_token_seconds_count", gpu="gpu0") == n_done
+    assert delta("rmassimo_ollama_errors_total", server=stub.url.rstrip("/"), status="404") == 2
+    assert (
+        delta("rmassimo_celery_tasks_total", task="chat.tasks.answer_question", state="succeeded")
+        == n_done + n_failed
+    )
+    assert delta("rmassimo_milvus_request_duration_seconds_count", operation="search") >= n_done
+    assert 0 < delta("rmassimo_gpu_busy_seconds_total", gpu="gpu0")
+
+    # Ingestion, counted by the workers since they started.
+    documents = Document.objects.filter(corpus=corpus, status=Document.Status.INDEXED)
+    assert (
+        value(after, "rmassimo_ingestion_documents_total", corpus="observed") == documents.count()
+    )
+    assert value(after, "rmassimo_ingestion_chunks_total", corpus="observed") == sum(
+        d.chunk_count for d in documents
+    )
+    assert (
+        value(after, "rmassimo_ingestion_jobs_total", corpus="observed", outcome="done")
+        == IngestionJob.objects.filter(document__corpus=corpus, status="done").count()
+    )
+
+    # The card's telemetry (fake NVML) and its slots.
+    assert value(after, "rmassimo_gpu_utilization_ratio", gpu="gpu0", card="0") == 0.75
+    assert value(after, "rmassimo_gpu_slots", gpu="gpu0") == 2
+
+    # The web process: the API requests it served, the fleet it sees.
+    web_after = observed.scrape_web()
+    posts = value(
+        web_after,
+        "django_http_requests_total_by_view_transport_method_total",
+        view="question-list",
+        method="POST",
+    )
+    posts -= value(
+        web_before,
+        "django_http_requests_total_by_view_transport_method_total",
+        view="question-list",
+        method="POST",
+    )
+    assert posts == 5
+    assert value(web_after, "rmassimo_worker_up", worker=WORKER, gpu="gpu0") == 1
+    assert value(web_after, "rmassimo_gpu_workers_ready") >= 1
+    assert ("rmassimo_queue_depth", frozenset({("queue", "interactive")})) in web_after
+
+
 def test_a_killed_pool_process_loses_none_of_its_figures(observed, asker, stub):
     from tests.ingestion_helpers import kill_pool_child, wait_new_child
 
@@ -198,7 +289,10 @@ def dashboard_queries() -> list[str]:
 
 
 def metric_names(expr: str) -> set[str]:
-    return set(re.findall(r"\b((?:rmassimo|gen_ai|django)_[a-z0-9_]+)\b", expr))
+    """The metric names in a PromQL expression (label names and matchers left out)."""
+    bare = re.sub(r"\{[^}]*\}", "", expr)
+    bare = re.sub(r"\b(?:by|without)\s*\([^)]*\)", "", bare)
+    return set(re.findall(r"\b((?:rmassimo|gen_ai|django)_[a-z0-9_]+)\b", bare))
 
 
 @pytest.fixture
@@ -247,6 +341,69 @@ def prometheus(observed, tmp_path):
         yield base
     finally:
         stop(proc)
+
+
+def test_prometheus_scrapes_everything_the_dashboard_and_the_alerts_ask(
+    observed, asker, stub, prometheus
+):
+    build_corpus(slug="observed")
+
+    def api(path, **params):
+        data = httpx.get(f"{prometheus}/api/v1/{path}", params=params, timeout=10).json()
+        assert data["status"] == "success", data
+        return data["data"]
+
+    def targets_up():
+        active = api("targets")["activeTargets"]
+        return len(active) == 2 and all(t["health"] == "up" for t in active) and active
+
+    wait_for(targets_up, timeout=60, interval=0.5, what="both targets scraped")
+    # While Prometheus watches: an Ollama error (the alert needs to see the counter rise).
+    stub.configure(fail_status=503, fail_message="busy", fail_count=1)
+    ask_and_wait(asker, "observed", "A question that meets a busy server?")
+    ask_and_wait(asker, "observed", "Tell me about Vesuvius?")
+    # A rate needs two samples in its window, and the rules an evaluation.
+    time.sleep(3)
+
+    # What the processes export: every series Prometheus took in, and every family the web
+    # process declares (a labelled family not yet observed has no series, only its TYPE).
+    names = set(api("label/__name__/values"))
+    web = httpx.get(
+        f"{observed.web.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+    ).text
+    for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", web, re.MULTILINE):
+        names.add(family)
+        if kind == "histogram":
+            names.update(f"{family}_{suffix}" for suffix in ("bucket", "sum", "count"))
+    empty = []
+    for expr in dashboard_queries():
+        for name in metric_names(expr):
+            assert name in names, f"the dashboard names {name}, which no process exports"
+        result = api("query", query=expr.replace("$__rate_interval", "1m"))["result"]
+        if not result:
+            empty.append(expr)
+    # What this run cannot produce: no model was loaded, Milvus and ingestion did not fail.
+    allowed_empty = (
+        "rmassimo_model_load_seconds",
+        "milvus_errors",
+        'outcome="failed"',
+        'state="failed"',
+    )
+    assert [e for e in empty if not any(a in e for a in allowed_empty)] == []
+
+    def evaluated():
+        rules = [r for g in api("rules")["groups"] for r in g["rules"]]
+        return len(rules) == 7 and all(r["lastEvaluation"][:4] != "0001" for r in rules) and rules
+
+    rules = wait_for(evaluated, timeout=30, interval=0.5, what="every rule evaluated")
+    assert {r["name"]: r["health"] for r in rules} == {r["name"]: "ok" for r in rules}
+    states = {r["name"]: r["state"] for r in rules}
+    assert states["NoGpuWorkerReady"] == "inactive"
+    assert states["MetricsTargetDown"] == "inactive"
+
+    # The error series started at 0, so the first error is an increase the rules can see.
+    seen = api("query", query='sum(increase(rmassimo_ollama_errors_total{status="503"}[5m])) > 0.5')
+    assert seen["result"], "the first Ollama error is invisible to increase()"
 
 
 # --- the admin's fleet page -----------------------------------------------------------------

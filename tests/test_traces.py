@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 from celery.contrib.testing.worker import start_worker
+from django.conf import settings
 from rest_framework.test import APIClient
 
 from chat.models import Question
@@ -82,8 +83,9 @@ def test_a_question_is_one_trace_from_the_api_to_the_model(spans, thread_worker,
     run = by_name["run/chat.tasks.answer_question"]
     chat = next(s for n, s in by_name.items() if n.startswith("chat "))
     search = by_name["milvus search"]
+    retrieval = by_name["retrieval"]
     trace_id = api.context.trace_id
-    for span in (publish, run, chat, search):
+    for span in (publish, run, chat, search, retrieval):
         assert span.context.trace_id == trace_id, span.name
     # The worker's span continues the publisher's: the context came in the message.
     assert publish.parent.span_id == api.context.span_id
@@ -91,3 +93,8 @@ def test_a_question_is_one_trace_from_the_api_to_the_model(spans, thread_worker,
     assert run.parent.is_remote
     assert chat.attributes["gen_ai.request.model"] == chat.name.split(" ", 1)[1]
     assert chat.parent.span_id == run.context.span_id
+    assert retrieval.parent.span_id == run.context.span_id
+    assert search.parent.span_id == retrieval.context.span_id
+    assert by_name[f"embeddings {settings.RMASSIMO_EMBED_MODEL}"].parent.span_id == (
+        retrieval.context.span_id
+    )
