@@ -19,10 +19,9 @@ from django.db import DatabaseError, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from chat import formats, prompts, selectors
+from chat import formats, grounding, prompts, selectors
 from chat.models import Question
 from core import llm, metrics, realtime, tracing, vectorstore
-from ingestion import selectors as corpus_selectors
 from ingestion.models import Corpus
 from workers import health, identity
 
@@ -233,23 +232,20 @@ def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) ->
         )
         lease.check()
 
-    retrieval_started = time.monotonic()
     with tracing.span("retrieval", rmassimo__corpus=corpus.slug):
-        embed_model = corpus_selectors.embed_model(corpus)
-        embedding = None
-        if embed_model and _vectorstore_call(lambda: vectorstore.has_dense(corpus.pk)):
-            embedding = llm.embed_query(standalone, model=embed_model, base_url=base_url)
-        hits = _vectorstore_call(
-            lambda: vectorstore.search(
-                corpus.pk, text=standalone, embedding=embedding, top_k=settings.RMASSIMO_TOP_K
-            )
+        found = grounding.retrieve(
+            corpus=corpus,
+            text=standalone,
+            base_url=base_url,
+            top_k=settings.RMASSIMO_TOP_K,
+            retry=_vectorstore_call,
         )
-    retrieval_ms = round((time.monotonic() - retrieval_started) * 1000, 1)
+    hits = found.hits
+    retrieval_ms = found.ms
     lease.check()
 
-    messages = prompts.answer_messages(
-        persona=corpus.persona_prompt, history=history, hits=hits, question=question.text
-    )
+    language = grounding.question_language(question.text, default=corpus.language)
+    no_answer = grounding.no_answer_sentence(corpus, language)
     stream = realtime.AnswerStream(
         question_id=question.pk,
         conversation_id=question.conversation_id,
@@ -259,32 +255,50 @@ def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) ->
     parts: list[str] = []
     first_token_at = None
     generation_started = time.monotonic()
-    try:
-        for piece in llm.stream_chat(messages, model=chat_model, base_url=base_url, stats=stats):
-            if first_token_at is None:
-                first_token_at = timezone.now()
-            parts.append(piece)
-            if stream.push(piece):
-                lease.check()
-    except Lost:
-        stream.discard()
-        # Stopped by its owner: keep what was written so far, as the chat showed it.
-        Question.objects.filter(
-            pk=question.pk, status=Question.Status.CANCELLED, attempts=question.attempts
-        ).update(answer="".join(parts))
-        raise
+    answering_model = llm.answering_model(chat_model)
+    if not found.relevant:
+        # Nothing relevant enough: the corpus' own "I don't know", without sources and
+        # without asking the model to answer from nothing.
+        hits, answering_model = [], ""
+        first_token_at = timezone.now()
+        parts.append(no_answer)
+        stream.push(no_answer)
+    else:
+        messages = prompts.answer_messages(
+            persona=corpus.persona_prompt,
+            history=history,
+            hits=hits,
+            question=question.text,
+            no_answer=no_answer,
+        )
+        try:
+            for piece in llm.stream_chat(
+                messages, model=chat_model, base_url=base_url, stats=stats
+            ):
+                if first_token_at is None:
+                    first_token_at = timezone.now()
+                parts.append(piece)
+                if stream.push(piece):
+                    lease.check()
+        except Lost:
+            stream.discard()
+            # Stopped by its owner: keep what was written so far, as the chat showed it.
+            Question.objects.filter(
+                pk=question.pk, status=Question.Status.CANCELLED, attempts=question.attempts
+            ).update(answer="".join(parts))
+            raise
     stream.flush()
     generation_ms = stats.eval_ms or round((time.monotonic() - generation_started) * 1000, 1)
 
     answer = "".join(parts)
-    sources = source_dicts(hits)
+    sources = grounding.mark_cited(source_dicts(hits), answer)
     fields = {
         "status": Question.Status.DONE,
         "answer": answer,
         "error": "",
         "standalone_text": standalone,
         "sources": sources,
-        "model": llm.answering_model(chat_model),
+        "model": answering_model,
         "retrieval_ms": retrieval_ms,
         "generation_ms": generation_ms,
         "prompt_tokens": stats.prompt_tokens or None,

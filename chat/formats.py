@@ -13,6 +13,10 @@ class SourceSerializer(serializers.Serializer):
     page = serializers.IntegerField(allow_null=True)
     score = serializers.FloatField()
     text = serializers.CharField()
+    # Answers saved before citations were marked read as citing nothing.
+    cited = serializers.BooleanField(
+        default=False, help_text="Whether the answer cites this passage as [n] (n: its place)."
+    )
 
 
 class TimingsSerializer(serializers.Serializer):

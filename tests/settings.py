@@ -26,6 +26,10 @@ os.environ.setdefault("RMASSIMO_HEARTBEAT_S", "0.5")
 # The tests' little web sites listen on loopback: URL ingestion may reach them by this name
 # only (127.0.0.1 stays refused, as every internal address is).
 os.environ.setdefault("RMASSIMO_FETCH_ALLOWED_HOSTS", "localhost")
+# The suite's questions reach the model unless retrieval finds nothing at all; the tests of
+# "I don't know" give their corpus its own threshold.
+os.environ.setdefault("RMASSIMO_MIN_RELEVANCE_BM25", "0")
+os.environ.setdefault("RMASSIMO_MIN_RELEVANCE_DENSE", "-1")
 # The suite's workers talk to Ollama stand-ins; a test of the embedded model says so itself.
 os.environ.setdefault("RMASSIMO_LLM_BACKEND", "ollama")
 

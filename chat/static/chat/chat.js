@@ -131,21 +131,82 @@
       self.renderPending = false;
       var root = document.scrollingElement || document.documentElement;
       var following = root.scrollHeight - root.scrollTop - window.innerHeight < 120;
-      window.RMMarkdown.render(self.text, self.body);
+      self.render();
       // Keep a growing answer in view, unless the reader has scrolled up to read.
       if (following) window.scrollTo(0, root.scrollHeight);
+    });
+  };
+
+  Turn.prototype.render = function () {
+    window.RMMarkdown.render(this.text, this.body);
+    this.linkCitations();
+  };
+
+  // "[n]" in the answer becomes a link to passage n of its sources (document, page, text).
+  var CITATION = /\[(\d{1,3}(?:\s*[,;]\s*\d{1,3})*)\]/g;
+
+  Turn.prototype.linkCitations = function () {
+    var passages = {};
+    this.el.querySelectorAll(".sources .source[data-n]").forEach(function (li) {
+      passages[li.dataset.n] = li;
+    });
+    if (!Object.keys(passages).length) return;
+    var walker = document.createTreeWalker(this.body, NodeFilter.SHOW_TEXT);
+    var nodes = [];
+    while (walker.nextNode()) {
+      if (!walker.currentNode.parentElement.closest("a, code, pre")) nodes.push(walker.currentNode);
+    }
+    nodes.forEach(function (node) {
+      var text = node.nodeValue;
+      CITATION.lastIndex = 0;
+      if (!CITATION.test(text)) return;
+      var fragment = document.createDocumentFragment();
+      var last = 0;
+      text.replace(CITATION, function (match, numbers, offset) {
+        fragment.appendChild(document.createTextNode(text.slice(last, offset)));
+        numbers.split(/\s*[,;]\s*/).forEach(function (n) {
+          var li = passages[String(parseInt(n, 10))];
+          if (!li) {
+            fragment.appendChild(document.createTextNode("[" + n + "]"));
+            return;
+          }
+          var link = document.createElement("a");
+          link.className = "cite";
+          link.href = "#" + li.id;
+          link.textContent = "[" + parseInt(n, 10) + "]";
+          link.title = li.querySelector(".s-head").textContent.replace(/\s+/g, " ").trim();
+          fragment.appendChild(link);
+        });
+        last = offset + match.length;
+        return match;
+      });
+      fragment.appendChild(document.createTextNode(text.slice(last)));
+      node.parentNode.replaceChild(fragment, node);
     });
   };
 
   Turn.prototype.setSources = function (sources) {
     var section = this.el.querySelector(".sources");
     var list = section.querySelector("ol");
+    var id = this.id;
     list.replaceChildren();
-    (sources || []).forEach(function (source) {
+    var numbered = (sources || []).map(function (source, i) {
+      return { source: source, n: i + 1 };
+    });
+    // Cited passages first; each keeps its number, the one the answer's markers use.
+    numbered.sort(function (a, b) {
+      return (b.source.cited ? 1 : 0) - (a.source.cited ? 1 : 0) || a.n - b.n;
+    });
+    numbered.forEach(function (entry) {
+      var source = entry.source;
       var li = document.createElement("li");
-      li.className = "source";
+      li.className = source.cited ? "source cited" : "source";
+      li.id = "q" + id + "-p" + entry.n;
+      li.dataset.n = String(entry.n);
       var head = document.createElement("div");
       head.className = "s-head";
+      head.appendChild(span("s-n", "[" + entry.n + "]"));
+      head.appendChild(document.createTextNode(" "));
       head.appendChild(span("s-title", source.title));
       if (source.page !== null && source.page !== undefined) {
         head.appendChild(document.createTextNode(" "));
@@ -386,7 +447,7 @@
     turnsBox.querySelectorAll(".turn").forEach(function (el) {
       var turn = new Turn(el);
       turns[turn.id] = turn;
-      window.RMMarkdown.render(turn.text, turn.body);
+      turn.render();
     });
     turnsBox.addEventListener("click", onTurnClick);
 
