@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 from chat import api as chat_api
 from core import api as core_api
 from core import views as core_views
+from evaluation import api as evaluation_api
 from ingestion import api as ingestion_api
 from workers import admin_views
 from workers import api as workers_api
@@ -35,6 +36,12 @@ api_v1 = [
     path("jobs/", ingestion_api.JobList.as_view(), name="job-list"),
     path("jobs/<int:pk>/", ingestion_api.JobDetail.as_view(), name="job-detail"),
     path("workers/", workers_api.WorkerList.as_view(), name="worker-list"),
+    path("evaluation/runs/", evaluation_api.RunList.as_view(), name="evaluation-run-list"),
+    path(
+        "evaluation/runs/<int:pk>/",
+        evaluation_api.RunDetail.as_view(),
+        name="evaluation-run-detail",
+    ),
 ]
 
 urlpatterns = [

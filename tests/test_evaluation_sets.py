@@ -116,3 +116,27 @@ def test_shipped_sets_import(corpus, settings):
         "evaluate", "import", str(root / "pydoc.jsonl"), "--corpus", "demo", "--set", "pydoc"
     )
     assert EvaluationSet.objects.get(name="pydoc").items.filter(answerable=True).count() >= 100
+
+
+def test_runs_api_is_for_staff_only(corpus, api, tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"question": "Which port?", "language": "en", "documents": ["x"]}))
+    call_command("evaluate", "import", str(path), "--corpus", "demo", "--set", "s")
+    body = {"corpus": "demo", "set": "s", "retrieval_only": True}
+    assert api.anon.post("/api/v1/evaluation/runs/", body, format="json").status_code == 401
+    assert api.owner.post("/api/v1/evaluation/runs/", body, format="json").status_code == 403
+    assert api.owner.get("/api/v1/evaluation/runs/").status_code == 403
+    started = api.staff.post("/api/v1/evaluation/runs/", body, format="json")
+    assert started.status_code == 202, started.content
+    run = started.json()
+    assert (run["corpus"], run["set"], run["status"], run["items"]) == ("demo", "s", "queued", 1)
+    assert set(run["metrics"]) >= {"hit@1", "recall@k", "mrr", "ndcg@k", "refused_answerable"}
+    assert api.owner.get(f"/api/v1/evaluation/runs/{run['id']}/").status_code == 403
+    assert api.anon.get(f"/api/v1/evaluation/runs/{run['id']}/").status_code == 401
+    detail = api.staff.get(f"/api/v1/evaluation/runs/{run['id']}/").json()
+    assert detail["id"] == run["id"] and detail["retrieval_only"] is True
+    assert [
+        r["id"] for r in api.staff.get("/api/v1/evaluation/runs/?corpus=demo").json()["results"]
+    ] == [run["id"]]
+    missing = api.staff.post("/api/v1/evaluation/runs/", {**body, "set": "nope"}, format="json")
+    assert missing.status_code == 400
