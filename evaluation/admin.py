@@ -60,11 +60,14 @@ class EvaluationSetAdmin(admin.ModelAdmin):
                 request, f"Run {run.pk} of {evaluation_set} queued ({run.items_total} items)."
             )
 
-    @admin.action(description="Run the selected sets (retrieval and answers)")
+    def has_run_permission(self, request) -> bool:
+        return request.user.has_perm("evaluation.add_evaluationrun")
+
+    @admin.action(description="Run the selected sets (retrieval and answers)", permissions=["run"])
     def run_full(self, request, queryset):
         self._start(request, queryset, retrieval_only=False)
 
-    @admin.action(description="Run the selected sets (retrieval only)")
+    @admin.action(description="Run the selected sets (retrieval only)", permissions=["run"])
     def run_retrieval_only(self, request, queryset):
         self._start(request, queryset, retrieval_only=True)
 

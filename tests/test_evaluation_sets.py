@@ -9,6 +9,7 @@ from django.core.management import CommandError, call_command
 
 from evaluation.models import EvaluationSet
 from ingestion.models import Corpus
+from tests.conftest import _client_for
 
 pytestmark = pytest.mark.django_db
 
@@ -118,7 +119,14 @@ def test_shipped_sets_import(corpus, settings):
     assert EvaluationSet.objects.get(name="pydoc").items.filter(answerable=True).count() >= 100
 
 
-def test_runs_api_is_for_staff_only(corpus, api, tmp_path):
+def test_runs_api_is_for_staff_with_the_permissions(corpus, api, make_user, tmp_path):
+    evaluator = _client_for(
+        make_user(
+            "evaluator",
+            staff=True,
+            permissions=("evaluation.view_evaluationrun", "evaluation.add_evaluationrun"),
+        )
+    )
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({"question": "Which port?", "language": "en", "documents": ["x"]}))
     call_command("evaluate", "import", str(path), "--corpus", "demo", "--set", "s")
@@ -126,17 +134,21 @@ def test_runs_api_is_for_staff_only(corpus, api, tmp_path):
     assert api.anon.post("/api/v1/evaluation/runs/", body, format="json").status_code == 401
     assert api.owner.post("/api/v1/evaluation/runs/", body, format="json").status_code == 403
     assert api.owner.get("/api/v1/evaluation/runs/").status_code == 403
-    started = api.staff.post("/api/v1/evaluation/runs/", body, format="json")
+    # Staff without the evaluation permissions (the admin's) may not either.
+    assert api.staff.post("/api/v1/evaluation/runs/", body, format="json").status_code == 403
+    assert api.staff.get("/api/v1/evaluation/runs/").status_code == 403
+    started = evaluator.post("/api/v1/evaluation/runs/", body, format="json")
     assert started.status_code == 202, started.content
     run = started.json()
     assert (run["corpus"], run["set"], run["status"], run["items"]) == ("demo", "s", "queued", 1)
     assert set(run["metrics"]) >= {"hit@1", "recall@k", "mrr", "ndcg@k", "refused_answerable"}
     assert api.owner.get(f"/api/v1/evaluation/runs/{run['id']}/").status_code == 403
     assert api.anon.get(f"/api/v1/evaluation/runs/{run['id']}/").status_code == 401
-    detail = api.staff.get(f"/api/v1/evaluation/runs/{run['id']}/").json()
+    assert api.staff.get(f"/api/v1/evaluation/runs/{run['id']}/").status_code == 403
+    detail = evaluator.get(f"/api/v1/evaluation/runs/{run['id']}/").json()
     assert detail["id"] == run["id"] and detail["retrieval_only"] is True
     assert [
-        r["id"] for r in api.staff.get("/api/v1/evaluation/runs/?corpus=demo").json()["results"]
+        r["id"] for r in evaluator.get("/api/v1/evaluation/runs/?corpus=demo").json()["results"]
     ] == [run["id"]]
-    missing = api.staff.post("/api/v1/evaluation/runs/", {**body, "set": "nope"}, format="json")
+    missing = evaluator.post("/api/v1/evaluation/runs/", {**body, "set": "nope"}, format="json")
     assert missing.status_code == 400
