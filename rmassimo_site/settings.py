@@ -268,14 +268,22 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Each kind of task has its own (soft) time limit; the hard one is 30 s later.
 RMASSIMO_ANSWER_TIME_LIMIT = env.int("RMASSIMO_ANSWER_TIME_LIMIT", default=300)
-CELERY_TASK_SOFT_TIME_LIMIT = RMASSIMO_ANSWER_TIME_LIMIT
-CELERY_TASK_TIME_LIMIT = RMASSIMO_ANSWER_TIME_LIMIT + 30
+RMASSIMO_PREPARE_TIME_LIMIT = env.int("RMASSIMO_PREPARE_TIME_LIMIT", default=600)
+RMASSIMO_EMBED_TIME_LIMIT = env.int("RMASSIMO_EMBED_TIME_LIMIT", default=300)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Take a worker's queues in the order it lists them (interactive before batch).
     "queue_order_strategy": env.str("RMASSIMO_QUEUE_ORDER", default="priority"),
-    # Longer than the longest answer, so a slow job is not handed to a second worker.
-    "visibility_timeout": max(3600, 2 * CELERY_TASK_TIME_LIMIT),
+    # Longer than the longest task, so a slow job is not handed to a second worker.
+    "visibility_timeout": max(
+        3600,
+        2
+        * (
+            max(RMASSIMO_ANSWER_TIME_LIMIT, RMASSIMO_PREPARE_TIME_LIMIT, RMASSIMO_EMBED_TIME_LIMIT)
+            + 30
+        ),
+    ),
 }
 
 # Outside systems

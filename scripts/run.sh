@@ -2,7 +2,7 @@
 # Sets up and runs the whole service on its embedded defaults, on this one machine:
 # Redis (started if installed and not running), the Milvus Lite server, migrations, the
 # ASGI web server on http://127.0.0.1:8000, one Celery worker per GPU plus the CPU worker,
-# and celery beat. Without a reachable Ollama the workers answer with the small model
+# the housekeeping worker and celery beat (run_workers starts those). Without a reachable Ollama the workers answer with the small model
 # shipped in requirements/embedded.txt (llama.cpp) and BM25 retrieval. On first run it also creates a
 # web chat user and ingests the demo corpus (demo/, corpus "demo"). Ctrl-C stops them all.
 set -euo pipefail
@@ -17,7 +17,7 @@ mkdir -p var
 .venv/bin/python manage.py collectstatic --noinput -v 0
 ensure_first_user
 
-processes="web workers beat"
+processes="web workers"
 if [ -z "${MILVUS_URI:-}" ]; then
   processes="milvus $processes"
 else

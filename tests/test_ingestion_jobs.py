@@ -11,7 +11,7 @@ from django.core.files.base import ContentFile
 from django.utils import timezone
 
 from core import vectorstore
-from ingestion import services
+from ingestion import reaper, services
 from ingestion.models import Chunk, Document, IngestionJob
 from ingestion.tasks import embed_batch, prepare_jobs
 from tests.ingestion_helpers import long_text, make_pdf, settle, wait_job, wait_jobs
@@ -201,6 +201,35 @@ def test_a_stalled_job_whose_message_was_lost_can_be_retried(corpus, settings):
     stalled = wait_job(stalled.pk)
     assert stalled.status == "done", stalled.error
     assert vectorstore.count(corpus.pk, document_id=document.pk) == 1
+    busy.refresh_from_db()
+    assert busy.status == "running"  # alive as far as anyone can tell: left alone
+
+
+def test_the_reaper_puts_back_jobs_whose_message_or_worker_was_lost(corpus, settings):
+    def lost_job(name: str, **fields) -> IngestionJob:
+        document = Document.objects.create(corpus=corpus, title=name, source=f"{name}.txt")
+        document.file.save(f"{name}.txt", ContentFile(f"{name} stands by the sea.".encode()))
+        return IngestionJob.objects.create(document=document, **fields)
+
+    now = timezone.now()
+    # Queued, its message gone with the broker; running, its worker's host gone.
+    queued = lost_job(
+        "Cagliari",
+        heartbeat_at=now - timedelta(seconds=settings.RMASSIMO_REQUEUE_AFTER_S + 60),
+    )
+    stalled = lost_job(
+        "Alghero",
+        status="running",
+        attempts=1,
+        heartbeat_at=now - timedelta(seconds=settings.RMASSIMO_JOB_STALL_AFTER + 60),
+    )
+    busy = lost_job("Olbia", status="running", heartbeat_at=now)
+    assert reaper.requeue_stale_jobs() == {"requeued": 1, "stalled": 1}
+    for job in (queued, stalled):
+        job = wait_job(job.pk)
+        assert job.status == "done", job.error
+        assert vectorstore.count(corpus.pk, document_id=job.document_id) == 1
+    assert IngestionJob.objects.get(pk=stalled.pk).attempts == 2
     busy.refresh_from_db()
     assert busy.status == "running"  # alive as far as anyone can tell: left alone
 

@@ -3,7 +3,9 @@
 - `interactive`: questions; always first, so a question waits for at most one batch.
 - `batch`: embedding batches of ingestion jobs, and evaluation items.
 - `gpu.<i>`: questions pinned to one card (a retry sent to another card).
-- `cpu`: parsing, chunking and housekeeping, on the CPU worker.
+- `cpu`: parsing and chunking, on the CPU worker.
+- `housekeeping`: the reapers, on a worker of their own that nothing else feeds, so no
+  parsing backlog can delay recovery.
 """
 
 import os
@@ -19,13 +21,23 @@ app.conf.task_queues = [Queue("interactive"), Queue("batch"), Queue("cpu")]
 app.conf.task_create_missing_queues = True
 app.conf.task_routes = {
     "chat.tasks.answer_question": {"queue": "interactive"},
-    "chat.tasks.reap": {"queue": "cpu"},
+    "chat.tasks.reap": {"queue": "housekeeping"},
+    "ingestion.tasks.reap_jobs": {"queue": "housekeeping"},
     "ingestion.tasks.embed_batch": {"queue": "batch"},
     # Evaluation items use the GPU like questions, but wait behind them.
     "evaluation.tasks.evaluate_item": {"queue": "batch"},
     "ingestion.tasks.*": {"queue": "cpu"},
 }
 app.autodiscover_tasks()
+
+# Seconds the hard time limit comes after the soft one, which the task handles itself.
+HARD_LIMIT_MARGIN_S = 30
+HOUSEKEEPING_LIMIT_S = 60
+
+
+def limits(soft_s: float) -> dict:
+    """A task's time limits: the soft one raises in the task, the hard one kills it."""
+    return {"soft_time_limit": soft_s, "time_limit": soft_s + HARD_LIMIT_MARGIN_S}
 
 
 @app.on_after_configure.connect
@@ -37,4 +49,9 @@ def _schedule(sender, **kwargs) -> None:
         settings.RMASSIMO_REAPER_S,
         sender.signature("chat.tasks.reap"),
         name="requeue stale questions",
+    )
+    sender.add_periodic_task(
+        settings.RMASSIMO_REAPER_S,
+        sender.signature("ingestion.tasks.reap_jobs"),
+        name="requeue stale ingestion jobs",
     )

@@ -113,6 +113,44 @@ def cpu_worker(
     )
 
 
+def housekeeping_worker(*, loglevel: str = "info") -> WorkerSpec:
+    """The reapers' own worker: nothing else is queued for it, so a parsing backlog on the
+    CPU worker cannot delay recovery."""
+    name = f"housekeeping@{socket.gethostname()}"
+    return WorkerSpec(
+        name=name,
+        queues=["housekeeping"],
+        concurrency=1,
+        loglevel=loglevel,
+        env={
+            "CUDA_VISIBLE_DEVICES": "",
+            "RMASSIMO_WORKER_GPU": "cpu",
+            "RMASSIMO_WORKER_NAME": name,
+        },
+    )
+
+
+@dataclass
+class BeatSpec(WorkerSpec):
+    """celery beat, which sends the periodic tasks (the reapers)."""
+
+    schedule: str = ""
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "celery", "-A", "workers.celery", "beat", "-l", self.loglevel]
+        return [*argv, "-s", self.schedule] if self.schedule else argv
+
+
+def beat(*, schedule: Path, loglevel: str = "info") -> BeatSpec:
+    return BeatSpec(
+        name=f"beat@{socket.gethostname()}",
+        queues=[],
+        concurrency=1,
+        loglevel=loglevel,
+        schedule=str(schedule),
+    )
+
+
 class Supervisor:
     """Runs the workers, restarts one that dies, and shuts all down warmly on SIGTERM/SIGINT."""
 

@@ -38,6 +38,12 @@ class Command(BaseCommand):
         parser.add_argument("--cpu-only", action="store_true", help="Run only the CPU worker.")
         parser.add_argument("--no-cpu", action="store_true", help="Do not run the CPU worker.")
         parser.add_argument(
+            "--no-beat",
+            action="store_true",
+            help="Another host runs the schedule (celery beat): do not run it with the CPU "
+            "worker here.",
+        )
+        parser.add_argument(
             "--slots",
             type=int,
             default=settings.RMASSIMO_GPU_SLOTS,
@@ -68,6 +74,15 @@ class Command(BaseCommand):
                     metrics_base=metrics_base,
                 )
             )
+            # With the CPU worker: the reapers' own worker, and (unless another host runs
+            # it) the schedule that sends them, so recovery needs nothing else started.
+            specs.append(launcher.housekeeping_worker(loglevel=loglevel))
+            if not options["no_beat"]:
+                specs.append(
+                    launcher.beat(
+                        schedule=settings.VAR_DIR / "celerybeat-schedule", loglevel=loglevel
+                    )
+                )
         if not specs:
             raise CommandError("Nothing to run: RMASSIMO_GPUS names no GPU and --no-cpu was given.")
         launcher.Supervisor(
