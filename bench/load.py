@@ -1,10 +1,15 @@
-"""Load: many clients asking and polling at once against the ASGI server.
+"""Load: many clients asking and polling at once against the web tier.
 
 200 clients (each its own user), for 60 s: ask, poll every 0.5 s until the answer is final,
 ask again. 4 simulated GPUs (stand-ins serving one request at a time). Afterwards every
 accepted question must reach a final state: questions lost must be 0.
 
+The same run measures the web tier with each number of daphne processes in
+--web-processes (`manage.py run_web`, one socket), one after the other on the same stack,
+so the first is the baseline of the others.
+
     .venv/bin/python bench/load.py [--clients 200] [--seconds 60] [--gpus 4]
+                                   [--web-processes 1,4]
 """
 
 from __future__ import annotations
@@ -66,11 +71,16 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=4)
     parser.add_argument("--tps", type=float, default=100)
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument(
+        "--web-processes",
+        default="1,4",
+        help="daphne processes of each measured web tier, comma separated (default 1,4)",
+    )
     args = parser.parse_args()
+    tiers = [int(n) for n in args.web_processes.split(",")]
 
     stack = Stack(name="load")
     try:
-        from chat.models import Question
         from ingestion.models import Corpus
 
         Corpus.objects.create(slug="load", name="Load", embed_model="none")
@@ -82,47 +92,75 @@ def main() -> None:
                 ollama_url=stub.url,
                 gpu=f"gpu{i}",
             )
-        base = stack.web()
         tokens = [token_for(f"load{i}") for i in range(args.clients)]
-        stats = {"requests": 0, "errors": 0, "latency": [], "accepted": []}
-        t0 = time.monotonic()
-        asyncio.run(run_clients(base, tokens, args.seconds, stats))
-        elapsed = time.monotonic() - t0
-        accepted = stats["accepted"]
-        try:
-            wait(
-                lambda: (
-                    Question.objects.filter(pk__in=accepted, status__in=Question.FINAL).count()
-                    == len(accepted)
-                ),
-                timeout=180,
-                what="every question to finish",
-            )
-        except TimeoutError:
-            pass
-        final = Question.objects.filter(pk__in=accepted, status__in=Question.FINAL)
-        done = final.filter(status="done").count()
-        lost = len(accepted) - final.count()
-        latency = [x * 1000 for x in stats["latency"]]
         print(
-            f"{args.clients} clients for {args.seconds:g} s against one ASGI server, "
+            f"{args.clients} clients for {args.seconds:g} s per web tier, "
             f"{args.gpus} simulated GPUs ({args.tokens} tokens at {args.tps:g}/s)"
         )
-        print(
-            f"requests: {stats['requests']} ({stats['requests'] / elapsed:.0f}/s), "
-            f"errors: {stats['errors']}"
-        )
-        print(
-            f"API latency: p50 {percentile(latency, 0.5):.0f} ms, "
-            f"p95 {percentile(latency, 0.95):.0f} ms"
-        )
-        print(
-            f"questions accepted: {len(accepted)}, answered: {done}, "
-            f"failed: {final.count() - done}, lost: {lost}"
-        )
+        results = {}
+        for processes in tiers:
+            base = stack.web(processes)
+            try:
+                results[processes] = measure(base, tokens, args.seconds)
+            finally:
+                stack.stop_web()
+            report(processes, results[processes])
+        baseline = results[tiers[0]]
+        for processes in tiers[1:]:
+            ratio = baseline["p95"] / max(results[processes]["p95"], 1e-9)
+            print(
+                f"API p95 with {processes} processes: {ratio:.1f}x lower than with "
+                f"{tiers[0]} (target: 3x or more, 0 errors, 0 lost)"
+            )
+        lost = sum(r["lost"] for r in results.values())
         print(f"questions lost: {lost} (must be 0)  {'OK' if lost == 0 else 'FAILED'}")
     finally:
         stack.close()
+
+
+def measure(base: str, tokens: list[str], seconds: float) -> dict:
+    from chat.models import Question
+
+    stats = {"requests": 0, "errors": 0, "latency": [], "accepted": []}
+    t0 = time.monotonic()
+    asyncio.run(run_clients(base, tokens, seconds, stats))
+    elapsed = time.monotonic() - t0
+    accepted = stats["accepted"]
+    try:
+        wait(
+            lambda: (
+                Question.objects.filter(pk__in=accepted, status__in=Question.FINAL).count()
+                == len(accepted)
+            ),
+            timeout=180,
+            what="every question to finish",
+        )
+    except TimeoutError:
+        pass
+    final = Question.objects.filter(pk__in=accepted, status__in=Question.FINAL)
+    done = final.filter(status="done").count()
+    latency = [x * 1000 for x in stats["latency"]]
+    return {
+        "requests": stats["requests"],
+        "rate": stats["requests"] / elapsed,
+        "errors": stats["errors"],
+        "p50": percentile(latency, 0.5),
+        "p95": percentile(latency, 0.95),
+        "accepted": len(accepted),
+        "done": done,
+        "failed": final.count() - done,
+        "lost": len(accepted) - final.count(),
+    }
+
+
+def report(processes: int, r: dict) -> None:
+    print(
+        f"web tier of {processes} daphne process(es): requests {r['requests']} "
+        f"({r['rate']:.0f}/s), errors {r['errors']}, API latency p50 {r['p50']:.0f} ms, "
+        f"p95 {r['p95']:.0f} ms; questions accepted {r['accepted']}, answered {r['done']}, "
+        f"failed {r['failed']}, lost {r['lost']}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

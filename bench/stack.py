@@ -66,20 +66,20 @@ class Stack:
         self.procs.append(worker)
         return worker
 
-    def web(self, **extra_env: str) -> str:
-        """Start daphne on a free port; returns its base URL."""
+    def web(self, processes: int = 1, **extra_env: str) -> str:
+        """Start the web tier as deployed (`manage.py run_web`, `processes` daphne processes
+        on one socket) on a free port; returns its base URL."""
         port = free_port()
         log = (self.var / "logs" / f"web-{port}.log").open("wb")
         proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
+                "manage.py",
+                "run_web",
+                "--processes",
+                str(processes),
+                "--port",
                 str(port),
-                "rmassimo_site.asgi:application",
             ],
             cwd=ROOT,
             env=self.processes.worker_env(**extra_env),
@@ -89,9 +89,17 @@ class Stack:
         )
         self.procs.append(proc)
         self.processes.wait_for(
-            lambda: self.processes.port_open("127.0.0.1", port), timeout=60, what="daphne"
+            lambda: self.processes.port_open("127.0.0.1", port), timeout=60, what="run_web"
         )
+        self.web_proc = proc
         return f"http://127.0.0.1:{port}"
+
+    def stop_web(self) -> None:
+        proc = getattr(self, "web_proc", None)
+        if proc is not None:
+            self.processes.stop(proc, timeout=30)
+            self.procs.remove(proc)
+            self.web_proc = None
 
     def close(self) -> None:
         for proc in reversed(self.procs):
