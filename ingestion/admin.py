@@ -86,16 +86,17 @@ class UploadForm(forms.Form):
     )
 
     def clean_files(self):
+        # Past a few MB Django has written each file to disk as it arrived; it is checked
+        # from its head and copied to storage in chunks, never held whole in memory.
         checked, problems = [], []
         for upload in self.cleaned_data["files"]:
             try:
                 parsing.check_size(upload.size)
-                data = upload.read()
-                parsing.detect(data, name=upload.name)
+                parsing.detect_file(upload, name=upload.name)
             except parsing.ParseError as exc:
                 problems.append(f"{upload.name}: {exc}")
                 continue
-            checked.append((upload.name, data))
+            checked.append(upload)
         if problems:
             raise ValidationError(problems)
         return checked
@@ -310,7 +311,7 @@ class DocumentAdmin(_DeletesThroughServices, admin.ModelAdmin):
     def _add_all(self, request, data) -> HttpResponseRedirect:
         corpus = data["corpus"]
         queued = unchanged = failed = 0
-        files = [services.NewDocument(source=name, data=content) for name, content in data["files"]]
+        files = [services.NewDocument(source=f.name, upload=f) for f in data["files"]]
         for added in services.documents_add(corpus=corpus, documents=files):
             queued, unchanged, failed = _count(added, queued, unchanged, failed)
         for url in data["urls"]:

@@ -151,12 +151,12 @@ class UploadInput(serializers.Serializer):
             parsing.check_size(upload.size)
         except parsing.ParseError as exc:
             raise serializers.ValidationError(str(exc)) from exc
-        data = upload.read()
         try:
-            parsing.detect(data, name=upload.name)
+            # From its head: the file stays where Django wrote it and is streamed to storage.
+            parsing.detect_file(upload, name=upload.name)
         except parsing.ParseError as exc:
             raise serializers.ValidationError(str(exc)) from exc
-        return {"name": upload.name, "data": data}
+        return upload
 
     def validate_url(self, url):
         from ingestion import fetching
@@ -205,7 +205,7 @@ class CorpusDocuments(generics.ListAPIView):
         else:
             upload = data.validated_data["file"]
             added = services.document_add(
-                corpus=corpus, source=upload["name"], data=upload["data"], title=title
+                corpus=corpus, source=upload.name, upload=upload, title=title
             )
         document = selectors.documents().get(pk=added.document.pk)
         body = UploadOutput(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from django.conf import settings
-from django.core.files.base import ContentFile
+from django.core.files.base import ContentFile, File
 from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
@@ -41,14 +41,18 @@ class Added:
         return self.job is None
 
 
-def document_add(*, corpus: Corpus, source: str, data: bytes, title: str = "") -> Added:
-    """Store a document's bytes and queue its ingestion, unless they are already indexed.
+def document_add(
+    *, corpus: Corpus, source: str, data: bytes = b"", title: str = "", upload: File | None = None
+) -> Added:
+    """Store a document's bytes (or an `upload`, streamed) and queue its ingestion, unless
+    they are already indexed.
 
     Bad input never raises here: it ends as a failed job with the reason, like anything
     the worker finds wrong later, so every caller reports failures the same way.
     """
     with transaction.atomic():
-        added, created = _add(corpus, NewDocument(source=source, data=data, title=title))
+        item = NewDocument(source=source, data=data, title=title, upload=upload)
+        added, created = _add(corpus, item)
         if created:
             _queue_prepare([added.job.pk])
     return added
@@ -57,8 +61,26 @@ def document_add(*, corpus: Corpus, source: str, data: bytes, title: str = "") -
 @dataclass(frozen=True)
 class NewDocument:
     source: str
-    data: bytes
+    data: bytes = b""
     title: str = ""
+    # Instead of `data`: an uploaded file (on disk past a few MB). It is hashed and copied
+    # to storage a chunk at a time, never read whole into memory.
+    upload: File | None = None
+
+    @property
+    def size(self) -> int:
+        return self.upload.size if self.upload is not None else len(self.data)
+
+    def digest(self) -> str:
+        if self.upload is None:
+            return hashlib.sha256(self.data).hexdigest()
+        digest = hashlib.sha256()
+        for piece in self.upload.chunks():
+            digest.update(piece)
+        return digest.hexdigest()
+
+    def content(self) -> File:
+        return self.upload if self.upload is not None else ContentFile(self.data)
 
 
 def documents_add(*, corpus: Corpus, documents: list[NewDocument]) -> list[Added]:
@@ -78,7 +100,7 @@ def documents_add(*, corpus: Corpus, documents: list[NewDocument]) -> list[Added
         )
         fresh: list[Document] = []
         for item in latest.values():
-            if item.source in known or len(item.data) > settings.RMASSIMO_UPLOAD_MAX_BYTES:
+            if item.source in known or item.size > settings.RMASSIMO_UPLOAD_MAX_BYTES:
                 added, created = _add(corpus, item)
                 results[item.source] = added
                 if created:
@@ -89,10 +111,10 @@ def documents_add(*, corpus: Corpus, documents: list[NewDocument]) -> list[Added
                 corpus=corpus,
                 source=item.source,
                 title=item.title or PurePath(name).stem,
-                content_hash=hashlib.sha256(item.data).hexdigest(),
-                size=len(item.data),
+                content_hash=item.digest(),
+                size=item.size,
             )
-            document.file.save(name, ContentFile(item.data), save=False)
+            document.file.save(name, item.content(), save=False)
             fresh.append(document)
         Document.objects.bulk_create(fresh, batch_size=500)
         now = timezone.now()
@@ -108,8 +130,8 @@ def documents_add(*, corpus: Corpus, documents: list[NewDocument]) -> list[Added
 
 def _add(corpus: Corpus, item: NewDocument) -> tuple[Added, bool]:
     """The document's new state; True when a new job was created (to be queued)."""
-    data, source, title = item.data, item.source, item.title
-    digest = hashlib.sha256(data).hexdigest()
+    source, title = item.source, item.title
+    digest = item.digest()
     name = PurePath(source).name or "document"
     document, _ = Document.objects.select_for_update().get_or_create(
         corpus=corpus, source=source, defaults={"title": title or PurePath(name).stem}
@@ -120,7 +142,7 @@ def _add(corpus: Corpus, item: NewDocument) -> tuple[Added, bool]:
     if active is not None and document.content_hash == digest:
         return Added(document=document, job=active), False  # the same bytes are on their way
     try:
-        parsing.check_size(len(data))
+        parsing.check_size(item.size)
     except parsing.ParseError as exc:
         # The bytes are not kept; the document's earlier version, if any, stays indexed.
         failed = job_create_failed(document=document, message=str(exc))
@@ -128,9 +150,9 @@ def _add(corpus: Corpus, item: NewDocument) -> tuple[Added, bool]:
     if document.content_hash != digest or not document.file:
         if document.file:
             document.file.delete(save=False)
-        document.file.save(name, ContentFile(data), save=False)
+        document.file.save(name, item.content(), save=False)
     document.content_hash = digest
-    document.size = len(data)
+    document.size = item.size
     document.title = title or document.title
     document.status = Document.Status.PENDING
     document.error = ""
