@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from evaluation.models import EvaluationResult, EvaluationRun, EvaluationSet
@@ -135,3 +136,15 @@ def test_retrieval_only_measures_no_answers_and_fail_under_sets_the_exit_code(li
         _run("--retrieval-only", "--fail-under", "fact_recall=0.1")
     assert failed.value.returncode == 1
     assert EvaluationSet.objects.get(name="hand").runs.count() == 3
+
+
+def test_a_judge_that_gives_no_verdict_is_counted_not_guessed(live, tmp_path):
+    _corpus(tmp_path)
+    live.reset_calls()
+    # The stand-in echoes the judge's prompt instead of saying YES or NO.
+    summary = _run("--judge-model", settings.RMASSIMO_CHAT_MODEL)
+    assert summary["judge"] == {"faithfulness": None, "judged": 0, "failures": 2}
+    judged = EvaluationResult.objects.filter(run_id=summary["run"]).exclude(judge_prompt="")
+    assert judged.count() == 2  # the unanswerable item was not answered, so not judged
+    for result in judged:
+        assert result.answer in result.judge_prompt and result.judge_verdict.startswith("Echo:")
