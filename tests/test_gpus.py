@@ -1,5 +1,6 @@
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -132,9 +133,12 @@ def test_gpu_is_frozen():
 # --- NVML ------------------------------------------------------------------------------
 
 
-def test_without_a_driver_nvml_finds_nothing():
-    # This machine has nvidia-ml-py but no NVIDIA driver: the real binding must not raise.
-    assert nvml_gpus() == []
+def test_the_real_binding_never_raises():
+    # nvidia-ml-py is installed everywhere, a driver only where there is a card.
+    found = nvml_gpus()
+    assert isinstance(found, list)
+    if not Path("/proc/driver/nvidia").exists():
+        assert found == []
 
 
 def test_nvml_missing_module_finds_nothing(monkeypatch):
@@ -222,7 +226,8 @@ def test_empty_spec_discovers_through_nvml(nvml, no_env):
     assert not any(gpu.simulated for gpu in discover_gpus(""))
 
 
-def test_empty_spec_without_driver_is_cpu_only(no_env):
+def test_empty_spec_without_cards_is_cpu_only(nvml, no_env):
+    nvml([])
     assert discover_gpus() == []
 
 
