@@ -11,8 +11,12 @@ import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
+from chat.models import Question
+from evaluation import services
 from evaluation.models import EvaluationResult, EvaluationRun, EvaluationSet
 from tests.corpus import build_corpus
+from tests.processes import wait_for
+from tests.test_pipeline import ask, poll
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -148,3 +152,26 @@ def test_a_judge_that_gives_no_verdict_is_counted_not_guessed(live, tmp_path):
     assert judged.count() == 2  # the unanswerable item was not answered, so not judged
     for result in judged:
         assert result.answer in result.judge_prompt and result.judge_verdict.startswith("Echo:")
+
+
+def test_a_question_goes_before_the_waiting_evaluation_items(live, api, tmp_path):
+    corpus = _corpus(tmp_path)
+    items = [
+        {"question": f"Vesuvius Pompeii number {n}?", "language": "en", "documents": ["volcanoes"]}
+        for n in range(6)
+    ]
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in items))
+    call_command("evaluate", "import", str(path), "--corpus", corpus.slug, "--set", "many")
+    live.configure(latency=0.5)  # each answer takes half a second on the one GPU worker
+    run = services.run_start(evaluation_set=EvaluationSet.objects.get(name="many"))
+    wait_for(
+        lambda: run.results.filter(status="running").exists(), timeout=60, what="an item to start"
+    )
+    asked = ask(api.owner, text="When did Vesuvius bury Pompeii?", corpus=corpus.slug)
+    answered = poll(api.owner, asked["id"], timeout=60)
+    assert answered["status"] == "done"
+    finished_at = Question.objects.get(pk=asked["id"]).finished_at
+    # At most the item running when it was asked (and one the worker had already taken).
+    assert run.results.filter(finished_at__lt=finished_at).count() <= 2
+    wait_for(lambda: EvaluationRun.objects.get(pk=run.pk).is_final, timeout=60, what="the run")

@@ -152,3 +152,20 @@ def test_runs_api_is_for_staff_with_the_permissions(corpus, api, make_user, tmp_
     ] == [run["id"]]
     missing = evaluator.post("/api/v1/evaluation/runs/", {**body, "set": "nope"}, format="json")
     assert missing.status_code == 400
+
+
+def test_an_item_with_a_page_needs_that_page_retrieved():
+    from evaluation import metrics
+
+    hits = [
+        {"document": 7, "page": 2},
+        {"document": 9, "page": 3},
+        {"document": 7, "page": 3},
+        {"document": 7, "page": 2},
+    ]
+    by_document = metrics.retrieval(expected=[7], unmatched=0, page=None, retrieved=hits, k=4)
+    assert by_document["hit@1"] == 1.0 and by_document["mrr"] == 1.0
+    by_page = metrics.retrieval(expected=[7], unmatched=0, page=3, retrieved=hits, k=4)
+    assert by_page["hit@1"] == 0.0 and by_page["mrr"] == pytest.approx(1 / 3)
+    missing = metrics.retrieval(expected=[7], unmatched=1, page=None, retrieved=hits, k=4)
+    assert missing["recall@k"] == 0.5  # a named document that is not in the corpus counts
