@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from core import gpu_telemetry, metrics
 from tests.processes import ROOT
+from tests.test_gpus import fake_pynvml
 from workers import launcher
 from workers.gpus import simulated_gpu
 
@@ -76,7 +77,8 @@ def test_nvml_telemetry_of_a_card_group_skips_a_refused_reading(fake_nvml):
 
 
 def test_without_a_driver_there_is_no_gpu_metric_and_no_error(monkeypatch):
-    # This machine's real binding has no driver behind it; then no binding at all.
+    # The binding without a driver behind it (nvmlInit fails), then no binding at all.
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([], init_error=True))
     assert scrape(gpu_telemetry.NvmlCollector(gpu="gpu0", visible="")) == {}
     monkeypatch.setitem(sys.modules, "pynvml", None)
     assert scrape(gpu_telemetry.NvmlCollector(gpu="gpu0", visible="")) == {}
