@@ -172,3 +172,38 @@ def test_recording_is_a_no_op_when_metrics_are_off(monkeypatch):
     monkeypatch.setattr(metrics, "ENABLED", True)
     metrics.milvus_call("on", 1.0, failed=True)
     assert b'rmassimo_milvus_errors_total{operation="on"} 1.0' in generate_latest(metrics.REGISTRY)
+
+
+def test_a_model_load_is_counted_and_remembered_for_the_fleet_page():
+    from workers import fleet
+
+    def loads() -> float:
+        return (
+            metrics.REGISTRY.get_sample_value(
+                "rmassimo_model_load_seconds_count", {"gpu": "gpu7", "model": "big:70b"}
+            )
+            or 0.0
+        )
+
+    since = __import__("time").time() - 1
+    metrics.model_call(
+        model="big:70b",
+        gpu="gpu7",
+        first_token_s=9.0,
+        prompt_tokens=1,
+        completion_tokens=1,
+        load_s=metrics.MODEL_LOAD_MIN_S / 2,  # a warm model's few milliseconds: no load
+    )
+    assert loads() == 0
+    metrics.model_call(
+        model="big:70b",
+        gpu="gpu7",
+        first_token_s=9.0,
+        prompt_tokens=1,
+        completion_tokens=1,
+        load_s=8.5,
+    )
+    assert loads() == 1
+    assert [(e["gpu"], e["model"], e["seconds"]) for e in fleet.load_events(since=since)] == [
+        ("gpu7", "big:70b", 8.5)
+    ]
