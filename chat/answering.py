@@ -9,6 +9,7 @@ lease ran out) changes nothing.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from datetime import timedelta
@@ -29,6 +30,23 @@ logger = logging.getLogger(__name__)
 
 _CANCEL_CHECK_S = 0.25
 _MAX_STANDALONE_CHARS = 1000
+# Why a model stopped, when it did not end its answer itself: its length limit (Ollama and
+# llama.cpp), or the embedded backend's guard against a loop.
+CUT_SHORT = frozenset({"length", "repetition"})
+_SENTENCE_END = re.compile(r"[.!?…](?=\s|$)|\n")
+
+
+def cut_cleanly(text: str) -> str:
+    """An answer that was cut, ended where a reader expects: after its last whole sentence
+    when that keeps most of it, else after its last whole word, with an ellipsis."""
+    text = text.rstrip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if ends and ends[-1] >= len(text) // 2:
+        return text[: ends[-1]].rstrip()
+    space = text.rfind(" ")
+    if space > 0:
+        text = text[:space]
+    return text.rstrip(" ,;:-") + "…"
 
 
 class Lost(Exception):
@@ -291,10 +309,17 @@ def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) ->
     generation_ms = stats.eval_ms or round((time.monotonic() - generation_started) * 1000, 1)
 
     answer = "".join(parts)
+    truncated = stats.done_reason in CUT_SHORT
+    if truncated:
+        answer = cut_cleanly(answer[: stats.extra.get("keep_chars", len(answer))])
+    if not answer.strip():
+        # The model stopped before writing anything but the prompt's own markup.
+        answer, truncated = no_answer, False
     sources = grounding.mark_cited(source_dicts(hits), answer)
     fields = {
         "status": Question.Status.DONE,
         "answer": answer,
+        "truncated": truncated,
         "error": "",
         "standalone_text": standalone,
         "sources": sources,
@@ -322,6 +347,7 @@ def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) ->
                 "type": "done",
                 "question": question.pk,
                 "answer": question.answer,
+                "truncated": question.truncated,
                 "sources": question.sources,
                 "timings": formats.timings(question),
                 "gpu": question.gpu,

@@ -30,6 +30,7 @@ class QuestionOutput(serializers.ModelSerializer):
             "corpus",
             "text",
             "answer",
+            "truncated",
             "sources",
             "gpu",
             "model",

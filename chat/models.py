@@ -43,6 +43,8 @@ class Question(models.Model):
         max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True
     )
     answer = models.TextField(blank=True)
+    # The answer was cut by a stop on its length or on repetition, not ended by the model.
+    truncated = models.BooleanField(default=False)
     sources = models.JSONField(default=list, blank=True)
     error = models.TextField(blank=True)
     gpu = models.CharField(max_length=32, blank=True)

@@ -27,11 +27,14 @@ def queue_position(question: Question) -> int:
 
 
 def conversation_history(question: Question, *, turns: int) -> list[tuple[str, str]]:
-    """The last `turns` answered exchanges before `question`, oldest first."""
+    """The last `turns` answered exchanges before `question`, oldest first. An answer that
+    failed, was stopped or was cut short is left out: fed back, the model would take it
+    for a good one and build on it."""
     previous = (
         Question.objects.filter(
             conversation_id=question.conversation_id,
             status=Question.Status.DONE,
+            truncated=False,
             created_at__lt=question.created_at,
         )
         .order_by("-created_at")

@@ -39,6 +39,7 @@ def _js_strings() -> dict[str, str]:
         "running": _("Answering"),
         "runningOn": _("Answering on %(gpu)s"),
         "done": _("Answered"),
+        "truncated": _("Cut short"),
         "failed": _("Failed"),
         "cancelled": _("Stopped"),
         "sources": _("Sources"),

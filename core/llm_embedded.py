@@ -3,7 +3,10 @@
 Used through `core.llm` only. The model is loaded once per process, on first use, and
 answers one request at a time (a llama.cpp context is not safe to share between threads).
 Decoding is greedy, so the same question over the same passages gets the same answer,
-and the prompt is built with the chat template stored in the GGUF file.
+and the prompt is built with the chat template stored in the GGUF file (llama.cpp's
+"chat_template.default"), so the model sees the turns it was trained on. A small model
+readily goes on writing the prompt's own framing (a `<passage ...>` fence, "Question: ..."):
+generation stops at any marker the prompt uses, so none of it reaches an answer.
 
 llama.cpp is called directly rather than through llama-index's LlamaCPP wrapper: the
 wrapper formats chat messages with its own generic template instead of the model's, and
@@ -15,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +41,12 @@ _NO_GPU_VALUES = ("", "-1", "none", "void", "nodevfiles")
 # Greedy decoding of a small model can fall into a loop that only max_tokens would end;
 # once the last this-many characters already occur earlier in the answer, it has.
 LOOP_SPAN_CHARS = 60
+
+# A fenced block of the prompt (`<passage n="1" ...>` ... `</passage>` on lines of their
+# own), and a label that opens a line of the prompt's framing ("Question:", "Passages:").
+_FENCED = re.compile(r"^<([A-Za-z][\w-]*)\b([^>\n]*)>\n.*?\n</\1>$", re.MULTILINE | re.DOTALL)
+_ATTRIBUTE = re.compile(r"\s([A-Za-z][\w-]*)=")
+_LABEL = re.compile(r"^([A-Z][A-Za-z' -]{0,40}):(?=\s|$)", re.MULTILINE)
 
 _lock = threading.Lock()
 _models: dict[tuple[str, int, int], Llama] = {}
@@ -152,6 +162,26 @@ def _load() -> Llama:
     return model
 
 
+def prompt_markers(messages: list[dict]) -> list[str]:
+    """The markup the prompt frames its content with: each fence's opening and closing tag
+    (and its first attribute without the bracket: `passage n=`, as a model retells it) and
+    each label that opens a line outside the fences. Earlier answers (assistant turns) are
+    the model's own words, and text inside a fence is the corpus', not framing."""
+    markers: set[str] = set()
+    for message in messages:
+        if message["role"] == "assistant":
+            continue
+        text = message["content"]
+        for match in _FENCED.finditer(text):
+            tag = match.group(1)
+            markers.update((f"<{tag}", f"</{tag}"))
+            attribute = _ATTRIBUTE.search(match.group(2))
+            if attribute:
+                markers.add(f"{tag} {attribute.group(1)}=")
+        markers.update(f"{label}:" for label in _LABEL.findall(_FENCED.sub("", text)))
+    return sorted(markers)
+
+
 def _looping(answer: str) -> bool:
     if len(answer) < 2 * LOOP_SPAN_CHARS:
         return False
@@ -176,12 +206,16 @@ def stream_chat(messages: list[dict], *, stats: StreamStats) -> Iterator[str]:
         prompt_tokens = 0
         completion_tokens = 0
         llama_cpp.llama_perf_context_reset(model.ctx)
+        extra: dict = {"backend": "embedded", "model": model_path().name}
         try:
             chunks = model.create_chat_completion(
                 messages=[{"role": m["role"], "content": m["content"]} for m in messages],
                 stream=True,
                 temperature=0.0,
                 max_tokens=settings.RMASSIMO_GGUF_MAX_TOKENS,
+                # llama.cpp holds back text that may be the start of a stop string, so a
+                # marker split over several tokens is not streamed either.
+                stop=prompt_markers(messages) or None,
             )
             answer = ""
             for chunk in chunks:
@@ -195,10 +229,14 @@ def stream_chat(messages: list[dict], *, stats: StreamStats) -> Iterator[str]:
                     answer += text
                     yield text
                     if _looping(answer):
+                        # The last LOOP_SPAN_CHARS repeat earlier text: the answer worth
+                        # keeping ends before them.
                         stats.done_reason = "repetition"
+                        extra["keep_chars"] = len(answer) - LOOP_SPAN_CHARS
                         chunks.close()
                         break
                 if choice.get("finish_reason"):
+                    # "stop": the model ended, or wrote a marker; "length": max_tokens.
                     stats.done_reason = str(choice["finish_reason"])
         except ValueError as exc:
             # llama.cpp says "Requested tokens (...) exceed context window of ..." here.
@@ -214,4 +252,4 @@ def stream_chat(messages: list[dict], *, stats: StreamStats) -> Iterator[str]:
             completion_tokens = max(completion_tokens, model.n_tokens - prompt_tokens)
         stats.completion_tokens = completion_tokens
         stats.eval_ms = round(float(perf.t_eval_ms), 1)
-        stats.extra = {"backend": "embedded", "model": model_path().name}
+        stats.extra = extra

@@ -16,7 +16,8 @@ Ollama's JSON shapes, status codes and error bodies, for the real ``ollama`` cli
   (``stall_after``, ``stall_seconds``).  Stubs with different ``name`` labels stand for
   different GPUs.
 * The scheduler, as a simulation of what placement depends on: ``gpus`` (each card's
-  memory), ``models`` (per model: ``size``, ``load_s``, ``prompt_tps``, ``tps``),
+  memory), ``models`` (per model: ``size``, ``load_s``, ``prompt_tps``, ``tps``, and
+  ``num_predict`` as a Modelfile sets it),
   ``keep_alive`` (OLLAMA_KEEP_ALIVE), ``max_loaded`` (OLLAMA_MAX_LOADED_MODELS),
   ``max_queue`` (OLLAMA_MAX_QUEUE), ``num_ctx`` (OLLAMA_CONTEXT_LENGTH) and ``time_scale``
   (every simulated duration is multiplied by it, so a bench of hours runs in minutes).
@@ -278,7 +279,13 @@ class OllamaStub:
         cfg = self._config
         name = canonical(model)
         embedding = name in {canonical(m) for m in cfg["embed_models"]}
-        base = {"size": CARDS[embedding][1], "load_s": 0.0, "prompt_tps": None, "tps": None}
+        base = {
+            "size": CARDS[embedding][1],
+            "load_s": 0.0,
+            "prompt_tps": None,
+            "tps": None,
+            "num_predict": None,
+        }
         return {**base, **cfg["models"].get(name, {})}
 
     def scaled(self, seconds):
@@ -638,7 +645,8 @@ class _Handler(BaseHTTPRequestHandler):
             for found in TOKENS_DIRECTIVE.findall(text):
                 count = int(found)
         reason = "stop"
-        num_predict = options.get("num_predict")
+        # The request's option, else the model's own (a Modelfile's PARAMETER num_predict).
+        num_predict = options.get("num_predict") or self.stub.spec(model)["num_predict"]
         if isinstance(num_predict, int) and 0 < num_predict < count:
             count, reason = num_predict, "length"
         words = TOKENS_DIRECTIVE.sub(" ", source).split() or ["..."]

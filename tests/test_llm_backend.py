@@ -9,7 +9,9 @@ from django.conf import settings
 from django.template import RequestContext, Template
 from django.test import RequestFactory, override_settings
 
+from chat import prompts
 from core import llm, llm_embedded
+from core.vectorstore import Hit
 from ingestion import selectors
 from ingestion.models import Corpus
 
@@ -128,6 +130,68 @@ def test_a_looping_answer_is_stopped_early(decide_again):
     assert stats.done_reason == "repetition"
     assert stats.completion_tokens < settings.RMASSIMO_GGUF_MAX_TOKENS / 4
     assert text.count("GPU") > 5
+    # What is worth keeping ends before the repeated stretch.
+    assert 0 < stats.extra["keep_chars"] < len(text)
+
+
+PASSAGES = [
+    Hit(
+        document_id=1,
+        chunk_index=0,
+        title="adding-documents",
+        page=None,
+        score=3.1,
+        text="Note: the largest document accepted is 50 MB, set by RMASSIMO_UPLOAD_MAX_BYTES. "
+        "Documents are split into chunks of 512 tokens.",
+    ),
+    Hit(
+        document_id=2,
+        chunk_index=0,
+        title="sharing-gpus",
+        page=None,
+        score=2.0,
+        text="Each GPU runs one worker. An idle GPU takes the next question.",
+    ),
+]
+MARKUP = ("<passage", "</passage", "passage n=", "Passages:", "Question:")
+
+
+def test_the_prompts_markers_are_its_fences_and_labels_not_the_corpus_text():
+    asked = prompts.answer_messages(
+        persona="You are R.Massimo.",
+        history=[("Earlier?", "Answer: yes.")],
+        hits=PASSAGES,
+        question="What is the largest document?",
+    )
+    assert llm_embedded.prompt_markers(asked) == [
+        "</passage",
+        "<passage",
+        "Passages:",
+        "Question:",
+        "passage n=",
+    ]
+    condense = prompts.condense_messages(history=[("a", "b")], question="c")
+    assert llm_embedded.prompt_markers(condense) == [
+        "Assistant:",
+        "Conversation:",
+        "Follow-up question:",
+        "User:",
+    ]
+
+
+def test_nothing_of_the_prompts_markup_reaches_an_embedded_answer(decide_again):
+    # Asked to repeat the passages, the small model goes on into the prompt's framing.
+    messages = prompts.answer_messages(
+        persona="You are R.Massimo, a helpful assistant.",
+        history=[],
+        hits=PASSAGES,
+        question="Repeat the passages above.",
+    )
+    with override_settings(RMASSIMO_LLM_BACKEND="embedded"):
+        stats = llm.StreamStats()
+        text = "".join(llm.stream_chat(messages, model="x", base_url=CLOSED_URL, stats=stats))
+    assert not [marker for marker in MARKUP if marker in text], text
+    assert stats.done_reason == "stop"
 
 
 def test_embedded_backend_has_no_embeddings(decide_again):

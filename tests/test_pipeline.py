@@ -83,6 +83,37 @@ def test_follow_up_is_condensed_with_history(live, api):
     ]
 
 
+def test_a_cut_answer_says_so_and_is_not_fed_back_to_a_follow_up(live, api):
+    from django.conf import settings
+    from django.test import Client
+
+    corpus = build_corpus()
+    good = poll(api.owner, ask(api.owner, text="Tell me about Vesuvius", corpus=corpus.slug)["id"])
+    assert good["status"] == "done" and good["truncated"] is False
+    # A model whose Modelfile stops every answer after 7 tokens.
+    live.configure(models={settings.RMASSIMO_CHAT_MODEL: {"num_predict": 7}})
+    cut = poll(
+        api.owner,
+        ask(api.owner, text="Tell me about the Najdorf", conversation=good["conversation"])["id"],
+    )
+    assert cut["status"] == "done", cut["error"]
+    assert cut["truncated"] is True
+    # Ended after a whole word, with a sign that it goes on.
+    assert cut["answer"].endswith("…")
+    page = Client()
+    page.force_login(api.owner_user)
+    assert "Cut short" in page.get(f"/c/{good['conversation']}/").content.decode()
+
+    live.configure(models={})
+    live.reset_calls()
+    follow = ask(api.owner, text="And sourdough?", conversation=good["conversation"])
+    assert poll(api.owner, follow["id"])["status"] == "done"
+    sent = str([c["body"]["messages"] for c in live.calls if c["path"] == "/api/chat"])
+    # A whole exchange is history; the cut one is left out, question and answer.
+    assert "Tell me about Vesuvius" in sent and good["answer"] in sent
+    assert "Tell me about the Najdorf" not in sent
+
+
 def test_bad_questions_get_clear_4xx(live, api):
     corpus = build_corpus(docs={})
     response = api.owner.post("/api/v1/questions/", {"text": "hi", "corpus": "nope"}, format="json")

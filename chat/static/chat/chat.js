@@ -252,7 +252,9 @@
     this.setSources(question.sources);
     this.setMeta(question.timings, question.gpu);
     this.el.querySelector(".a-error").textContent = question.error || "";
-    this.setStatus(question.status, S[question.status]);
+    // An answer stopped by a length or repetition limit says so: it is not a whole answer.
+    var label = question.status === "done" && question.truncated ? S.truncated : S[question.status];
+    this.setStatus(question.status, label);
   };
 
   function span(className, text) {
@@ -321,6 +323,7 @@
         turn.applyQuestion({
           status: "done",
           answer: event.answer,
+          truncated: event.truncated,
           sources: event.sources,
           timings: event.timings,
           gpu: event.gpu,
