@@ -28,6 +28,7 @@ import httpx
 import ollama
 from celery import signals
 from django.conf import settings
+from django.utils.translation import gettext
 from llama_index.core.llms import ChatMessage
 from llama_index.embeddings.ollama import OllamaEmbedding
 from llama_index.llms.ollama import Ollama
@@ -191,16 +192,16 @@ def describe(*, ollama_urls: list[str] | None = None, show_where: bool = True) -
     retrieval = "hybrid" if dense else "bm25"
     banner = ""
     if chosen.embedded:
-        banner = (
-            f"No Ollama server is in use: answers come from the small embedded model "
-            f"{chosen.model} (llama.cpp) and passages are found by keyword search (BM25) "
-            f"only. Start Ollama for better answers."
-        )
+        banner = gettext(
+            "No Ollama server is in use: answers come from the small embedded model "
+            "%(model)s (llama.cpp) and passages are found by keyword search (BM25) "
+            "only. Start Ollama for better answers."
+        ) % {"model": chosen.model}
     elif not dense:
-        banner = (
-            f"Answers come from {chosen.model} on Ollama; passages are found by keyword "
+        banner = gettext(
+            "Answers come from %(model)s on Ollama; passages are found by keyword "
             "search (BM25) only, with no embedding model."
-        )
+        ) % {"model": chosen.model}
     return {"llm": label, "retrieval": retrieval, "banner": banner}
 
 

@@ -168,7 +168,8 @@ class CorpusAdmin(_DeletesThroughServices, admin.ModelAdmin):
 
     @admin.display(description="chat model")
     def chat_model_shown(self, corpus: Corpus) -> str:
-        return corpus.effective_chat_model
+        # The model that answers: without Ollama the embedded one, whatever the corpus names.
+        return _answering_model(corpus.effective_chat_model)
 
     @admin.display(description="retrieval")
     def retrieval(self, corpus: Corpus) -> str:
@@ -493,3 +494,12 @@ class IngestionJobAdmin(admin.ModelAdmin):
         skipped = queryset.count() - count
         note = f"; {skipped} were neither failed nor stalled, or not their document's newest job"
         self.message_user(request, f"{count} job(s) queued again" + (note if skipped else "."))
+
+
+def _answering_model(model: str) -> str:
+    from core import llm
+
+    try:
+        return llm.answering_model(model)
+    except llm.LLMError:
+        return model

@@ -8,7 +8,7 @@ from rest_framework.exceptions import APIException
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
-from core import vectorstore
+from core import llm, vectorstore
 from core.parsers import JSONParser
 from ingestion import parsing, selectors, services
 from ingestion.models import Corpus, Document, IngestionJob
@@ -16,7 +16,9 @@ from ingestion.models import Corpus, Document, IngestionJob
 
 class CorpusOutput(serializers.ModelSerializer):
     document_count = serializers.IntegerField(read_only=True)
-    chat_model = serializers.CharField(source="effective_chat_model")
+    chat_model = serializers.SerializerMethodField(
+        help_text="The model that answers: the corpus' own, or the embedded one without Ollama."
+    )
     embed_model = serializers.SerializerMethodField()
     retrieval = serializers.SerializerMethodField()
 
@@ -35,6 +37,12 @@ class CorpusOutput(serializers.ModelSerializer):
 
     def get_embed_model(self, corpus: Corpus) -> str:
         return selectors.embed_model(corpus)
+
+    def get_chat_model(self, corpus: Corpus) -> str:
+        try:
+            return llm.answering_model(corpus.effective_chat_model)
+        except llm.LLMError:
+            return corpus.effective_chat_model
 
     def get_retrieval(self, corpus: Corpus) -> str:
         return selectors.corpus_retrieval(corpus)

@@ -6,6 +6,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import JsonResponse
 from django.template.response import TemplateResponse
 from django.urls import path
+from django.utils.translation import gettext as _
 
 from workers import selectors
 from workers.models import VIEW_PERMISSION
@@ -17,14 +18,14 @@ def workers_view(request):
         raise PermissionDenied
     context = {
         **admin.site.each_context(request),
-        "title": "GPU workers",
+        "title": _("GPU workers"),
         "workers": selectors.gpu_workers(),
     }
     return TemplateResponse(request, "admin/workers/workers.html", context)
 
 
 def fleet_view(request):
-    context = {**admin.site.each_context(request), "title": "Fleet: the last hour"}
+    context = {**admin.site.each_context(request), "title": _("Fleet: the last hour")}
     return TemplateResponse(request, "admin/workers/fleet.html", context)
 
 

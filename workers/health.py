@@ -54,6 +54,7 @@ def beat(*, queues: list[str], extra: dict | None = None) -> None:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "queues": json.dumps(queues),
+        "llm": answering_label() if identity.gpu_label() != "cpu" else "",
         "last_seen": now,
         **(extra or {}),
     }
@@ -64,6 +65,29 @@ def beat(*, queues: list[str], extra: dict | None = None) -> None:
     pipe.zadd(REGISTRY, {name: now})
     pipe.zremrangebyscore(REGISTRY, 0, now - _FORGET_AFTER_S)
     pipe.execute()
+
+
+def run_started() -> None:
+    """A worker starting (again): its start time and counters are this run's. The record
+    outlives the process (a day), so a restart would otherwise carry the last run's over."""
+    key = _key(identity.worker_name())
+    pipe = client().pipeline()
+    pipe.hset(key, mapping={"started_at": time.time(), "jobs_done": 0})
+    pipe.hdel(key, "current_job")
+    pipe.execute()
+
+
+def answering_label() -> str:
+    """The model that answers in this worker, as the workers page names it."""
+    from core import llm
+
+    try:
+        chosen = llm.backend()
+    except llm.LLMError as exc:
+        return f"unavailable: {exc}"[:200]
+    if chosen.embedded:
+        return f"{chosen.model} (embedded, llama.cpp)"
+    return f"{chosen.model} (Ollama)"
 
 
 def job_started(*, task: str, task_id: str, args: list) -> None:
@@ -221,6 +245,7 @@ def workers() -> list[dict]:
                 "started_at": float(raw["started_at"]) if raw.get("started_at") else None,
                 "current_job": current,
                 "jobs_done": int(raw.get("jobs_done") or 0),
+                "llm": raw.get("llm", ""),
                 "queues": json.loads(raw.get("queues") or "[]"),
             }
         )

@@ -17,6 +17,7 @@ _heartbeat: health.Heartbeat | None = None
 def _start_heartbeat(sender=None, **kwargs) -> None:
     global _heartbeat
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
+    health.run_started()
     health.set_healthy()
     _heartbeat = health.Heartbeat(queues=queues, node=sender.hostname, control=sender.app.control)
     _heartbeat.start()
