@@ -20,6 +20,8 @@ ensure_first_user
 processes="web workers"
 if [ -z "${MILVUS_URI:-}" ]; then
   processes="milvus $processes"
+  # Every process reaches the Milvus Lite server started here, on its port.
+  export MILVUS_URI="http://127.0.0.1:${RMASSIMO_MILVUS_PORT:-19530}"
 else
   echo "Using the Milvus at $MILVUS_URI"
 fi
