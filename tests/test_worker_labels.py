@@ -34,6 +34,7 @@ def test_a_restarted_worker_counts_from_zero_and_names_its_model(var_dir, milvus
         )
     assert entry()["jobs_done"] == 41
 
+    worker_started = time.time()
     worker = processes.Worker(
         name=NAME,
         queues=["gpu.9"],
@@ -43,7 +44,9 @@ def test_a_restarted_worker_counts_from_zero_and_names_its_model(var_dir, milvus
         extra_env={"RMASSIMO_LLM_BACKEND": "embedded", "CUDA_VISIBLE_DEVICES": ""},
     )
     try:
-        processes.wait_for(lambda: (entry() or {}).get("llm"), what="the worker's heartbeat")
+        processes.wait_for(
+            lambda: entry()["last_seen"] > worker_started, what="the worker's own heartbeat"
+        )
         now = entry()
     finally:
         worker.stop()
