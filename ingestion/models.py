@@ -31,11 +31,16 @@ class Corpus(models.Model):
         help_text="Blank: the RMASSIMO_EMBED_MODEL setting. 'none': BM25 retrieval only.",
     )
     embed_dim = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    # Blank falls back to the built-in sentence, so a corpus form need not repeat it.
     no_answer_en = models.TextField(
-        default=NO_ANSWER_EN, help_text="The answer when the corpus holds none, in English."
+        default=NO_ANSWER_EN,
+        blank=True,
+        help_text="The answer when the corpus holds none, in English. Blank: the default.",
     )
     no_answer_it = models.TextField(
-        default=NO_ANSWER_IT, help_text="The answer when the corpus holds none, in Italian."
+        default=NO_ANSWER_IT,
+        blank=True,
+        help_text="The answer when the corpus holds none, in Italian. Blank: the default.",
     )
     min_relevance_bm25 = models.FloatField(
         null=True,

@@ -23,11 +23,11 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='corpus',
             name='no_answer_en',
-            field=models.TextField(default="I don't know: the writings I have do not answer this question.", help_text='The answer when the corpus holds none, in English.'),
+            field=models.TextField(blank=True, default="I don't know: the writings I have do not answer this question.", help_text='The answer when the corpus holds none, in English. Blank: the default.'),
         ),
         migrations.AddField(
             model_name='corpus',
             name='no_answer_it',
-            field=models.TextField(default='Non lo so: gli scritti che ho non rispondono a questa domanda.', help_text='The answer when the corpus holds none, in Italian.'),
+            field=models.TextField(blank=True, default='Non lo so: gli scritti che ho non rispondono a questa domanda.', help_text='The answer when the corpus holds none, in Italian. Blank: the default.'),
         ),
     ]
