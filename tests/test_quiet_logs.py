@@ -31,6 +31,24 @@ def test_the_periodic_reaper_is_silent_when_it_did_nothing(worker):
     assert "chat.tasks.answer_question" in log, log
 
 
+def test_beat_does_not_announce_each_periodic_send():
+    import logging
+
+    from workers.log_filters import QuietPeriodicTasks
+
+    def record(name, msg, args):
+        return logging.LogRecord(name, logging.INFO, __file__, 1, msg, args, None)
+
+    quiet = QuietPeriodicTasks()
+    sent = record(
+        "celery.beat",
+        "Scheduler: Sending due task %s (%s)",
+        ("requeue stale questions", "chat.tasks.reap"),
+    )
+    assert not quiet.filter(sent)
+    assert quiet.filter(record("celery.beat", "beat: Starting...", ()))
+
+
 def test_there_is_a_favicon():
     response = Client().get("/favicon.ico")
     assert response.status_code == 200
