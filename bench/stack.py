@@ -88,8 +88,13 @@ class Stack:
             start_new_session=True,
         )
         self.procs.append(proc)
+        # The socket listens before any daphne process has imported the app: wait for a
+        # page, not for the port.
         self.processes.wait_for(
-            lambda: self.processes.port_open("127.0.0.1", port), timeout=60, what="run_web"
+            lambda: _answers(f"http://127.0.0.1:{port}/accounts/login/"),
+            timeout=600,
+            interval=1,
+            what="run_web to answer",
         )
         self.web_proc = proc
         return f"http://127.0.0.1:{port}"
@@ -118,6 +123,15 @@ class Stack:
             drop_database(self.database)
         if os.environ.get("BENCH_KEEP") is None:
             shutil.rmtree(self.var, ignore_errors=True)
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 _ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
