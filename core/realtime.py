@@ -125,14 +125,14 @@ class AnswerStream:
         self.conversation_id = conversation_id
         self.attempt = attempt
         self._key = _partial_key(question_id, attempt)
-        self.seq = 0
+        self.seq = -1  # of the last delta sent
         self._buffer: list[str] = []
         self._buffered_chars = 0
         # The first token goes out at once: it is the one a person is waiting for.
         self._last_flush = float("-inf")
         self._interval = settings.RMASSIMO_STREAM_FLUSH_MS / 1000.0
         self._max_chars = settings.RMASSIMO_STREAM_FLUSH_CHARS
-        redis_client().delete(self._key)
+        _forget(self._key)
 
     def push(self, text: str) -> bool:
         """Buffer text; returns True when it was flushed (a moment to check for cancel)."""
@@ -151,11 +151,16 @@ class AnswerStream:
         text = "".join(self._buffer)
         self._buffer.clear()
         self._buffered_chars = 0
-        pipe = redis_client().pipeline()
-        pipe.rpush(self._key, text)
-        pipe.expire(self._key, PARTIAL_TTL_S)
-        length, _ = pipe.execute()
-        self.seq = int(length) - 1
+        self.seq += 1
+        try:
+            pipe = redis_client().pipeline()
+            pipe.rpush(self._key, text)
+            pipe.expire(self._key, PARTIAL_TTL_S)
+            pipe.execute()
+        except redis.RedisError:
+            # Redis is away: the answer goes on, and the DB gets all of it when done; only
+            # a client (re)connecting meanwhile misses the text so far.
+            logger.warning("question %s: could not keep its partial text", self.question_id)
         publish(
             self.conversation_id,
             {
@@ -168,13 +173,26 @@ class AnswerStream:
         )
 
     def discard(self) -> None:
-        redis_client().delete(self._key)
+        _forget(self._key)
 
 
 def partial_answer(question_id: int, attempt: int) -> list[str]:
-    """The deltas an attempt has sent so far while streaming; index = sequence number."""
-    return list(redis_client().lrange(_partial_key(question_id, attempt), 0, -1))
+    """The deltas an attempt has sent so far while streaming; index = sequence number.
+    Empty while Redis is away: the answer is whole in the DB once done."""
+    try:
+        return list(redis_client().lrange(_partial_key(question_id, attempt), 0, -1))
+    except redis.RedisError:
+        logger.warning("could not read the partial text of question %s", question_id)
+        return []
 
 
 def clear_partial(question_id: int, attempt: int) -> None:
-    redis_client().delete(_partial_key(question_id, attempt))
+    _forget(_partial_key(question_id, attempt))
+
+
+def _forget(key: str) -> None:
+    """Best effort: a partial text left behind by a Redis outage expires on its own."""
+    try:
+        redis_client().delete(key)
+    except redis.RedisError:
+        logger.warning("could not delete %s; it expires in %ss", key, PARTIAL_TTL_S)

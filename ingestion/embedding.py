@@ -127,6 +127,21 @@ def _embed(held: dict[int, IngestionJob], live: list[Range]) -> None:
                 [c.text for c in chunks], model=model, base_url=identity.ollama_url()
             )
             embed_seconds = time.monotonic() - embed_started
+        # Embedding takes a while: a newer version of a document may have started
+        # meanwhile, and its vectors share these ids. Check again just before writing.
+        current = set(
+            IngestionJob.objects.filter(
+                jobs.runs_q(runs.items()), status=IngestionJob.Status.RUNNING
+            ).values_list("pk", flat=True)
+        )
+        if current != set(runs):
+            keep = [i for i, r in enumerate(rows) if r.job_id in current]
+            rows = [rows[i] for i in keep]
+            chunks = [chunks[i] for i in keep]
+            embeddings = [embeddings[i] for i in keep] if embeddings else embeddings
+            runs = {job_id: run for job_id, run in runs.items() if job_id in current}
+            if not rows:
+                return
         vectorstore.upsert_chunks(corpus.pk, chunks, embeddings)
     except (llm.LLMError, vectorstore.VectorStoreError) as exc:
         for job_id, run in runs.items():

@@ -119,40 +119,45 @@ def _read_and_chunk(job: IngestionJob) -> _Prepared | None:
 def _store_chunks(ready: list[_Prepared]) -> list[_Prepared]:
     """Replace the chunk rows (and any vectors) of the prepared documents; the ones stored."""
     failed: list[tuple[_Prepared, str]] = []
+    # Milvus first, outside the transaction, so no row lock is held while it answers.
+    # Delete-then-insert per document: no chunk of an older version survives (a batch of
+    # an older run checks its run again just before it writes).
+    history = _documents_with_history([p.job for p in ready])
+    cleared = []
+    for prepared in ready:
+        job = prepared.job
+        if job.run > 1 or job.document_id in history:
+            try:
+                vectorstore.delete_document(job.document.corpus_id, job.document_id)
+            except vectorstore.VectorStoreError as exc:
+                failed.append((prepared, str(exc)))
+                continue
+        cleared.append(prepared)
+    stored: list[_Prepared] = []
     with transaction.atomic():
         # The documents' locks order this against a newer job, a removal or a delete;
         # taken in id order, so two groups never wait on each other in a circle.
         alive = set(
             Document.objects.select_for_update()
-            .filter(pk__in=[p.job.document_id for p in ready])
+            .filter(pk__in=[p.job.document_id for p in cleared])
             .exclude(status=Document.Status.REMOVED)
             .order_by("pk")
             .values_list("pk", flat=True)
         )
         current = set(
             IngestionJob.objects.filter(
-                jobs.runs_q((p.job.pk, p.job.run) for p in ready),
+                jobs.runs_q((p.job.pk, p.job.run) for p in cleared),
                 status=IngestionJob.Status.RUNNING,
             ).values_list("pk", flat=True)
         )
-        ready = [p for p in ready if p.job.document_id in alive and p.job.pk in current]
-        if not ready:
-            return []
-        history = _documents_with_history([p.job for p in ready])
-        stored = []
-        for prepared in ready:
-            job = prepared.job
-            if job.run == 1 and job.document_id not in history:
-                stored.append(prepared)
-                continue
-            try:
-                # Delete-then-insert per document: no chunk of an older version survives.
-                vectorstore.delete_document(job.document.corpus_id, job.document_id)
-            except vectorstore.VectorStoreError as exc:
-                failed.append((prepared, str(exc)))
-                continue
-            Chunk.objects.filter(document_id=job.document_id).delete()
-            stored.append(prepared)
+        stored = [p for p in cleared if p.job.document_id in alive and p.job.pk in current]
+        Chunk.objects.filter(
+            document_id__in=[
+                p.job.document_id
+                for p in stored
+                if p.job.run > 1 or p.job.document_id in history
+            ]
+        ).delete()
         Chunk.objects.bulk_create(
             [
                 Chunk(

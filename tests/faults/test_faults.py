@@ -43,6 +43,14 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+def online_gpus(stack) -> list[str]:
+    return [
+        w["gpu"]
+        for w in stack.gpu_workers()
+        if w["name"].endswith("@faults") and w["online"] and w["healthy"]
+    ]
+
+
 def echoed_tokens(answer: str) -> int:
     return len(answer.split()) - 1  # the stand-in's reply is "Echo:" and one word per token
 
@@ -133,11 +141,12 @@ def test_failing_ollama_retries_on_healthy_gpu_and_is_marked_unhealthy(fault_sta
     assert workers["gpu0"]["healthy"] is False
     assert "503" in workers["gpu0"]["health_error"]
     assert workers["gpu1"]["healthy"] is True
-    # While unhealthy it takes no work: its Ollama sees nothing new.
-    calls_before = len([c for c in bad.calls if c["path"] == "/api/chat"])
+    # While unhealthy it takes no work: its Ollama hears nothing of the next questions,
+    # neither to embed them nor to answer them (its health probes aside).
     more = [fault_stack.ask(f"Vesuvius question {i}") for i in range(3)]
     assert all(final(fault_stack, pk)["gpu"] == "gpu1" for pk in more)
-    assert len([c for c in bad.calls if c["path"] == "/api/chat"]) == calls_before
+    assert not [c for c in bad.calls if "Vesuvius question" in str(c["body"])]
+    assert [c for c in good.calls if "Vesuvius question" in str(c["body"])]
     # Recovery: the probe succeeds, the card is healthy and takes work again.
     bad.configure(fail_count=0)
     wait_for(
@@ -157,12 +166,15 @@ def test_stalled_stream_is_retried_on_another_gpu(fault_stack, corpus_dir):
     fault_stack.worker("gpu0", stub=stalling)
     fault_stack.ingest(corpus_dir)
     stalling.configure(stall_after=3, stall_seconds=30)
-    fault_stack.worker("gpu1", stub=good)
+    # gpu1 takes only what is sent to it by name: the stalling card takes the question.
+    fault_stack.worker("gpu1", stub=good, queues=["gpu.1"])
+    wait_for(lambda: len(online_gpus(fault_stack)) == 2, timeout=90, what="both cards online")
     pk = fault_stack.ask("What is Etna?")
     result = final(fault_stack, pk)
     assert result["status"] == "done", result["error"]
     assert echoed_tokens(result["answer"]) == 20
-    assert result["attempts"] >= 2
+    assert (result["gpu"], result["attempts"]) == ("gpu1", 2)
+    assert [c for c in stalling.calls if c["path"] == "/api/chat"]
 
 
 def test_unreachable_ollama_with_no_other_gpu_fails_readably(fault_stack, corpus_dir):
@@ -207,3 +219,22 @@ def test_a_first_token_three_leases_away_is_generated_once(fault_stack, corpus_d
     assert len(generations) == 1
     assert result["attempts"] == 1
     assert echoed_tokens(result["answer"]) == 10
+
+
+def test_ollama_error_after_some_tokens_is_retried_elsewhere_and_replaced(fault_stack, corpus_dir):
+    """The model fails mid-answer: another card answers again from the start, and the text
+    shown is its answer alone, not the first attempt's beginning with the whole after it."""
+    failing = fault_stack.stub("gpu0", tps=50, reply_tokens=20)
+    good = fault_stack.stub("gpu1", tps=50, reply_tokens=20)
+    fault_stack.worker("gpu0", stub=failing)
+    fault_stack.worker("gpu1", stub=good, queues=["gpu.1"])
+    fault_stack.ingest(corpus_dir)
+    failing.configure(error_after=5, fail_message="CUDA error: an illegal memory access")
+    wait_for(lambda: len(online_gpus(fault_stack)) == 2, timeout=90, what="both cards online")
+    pk = fault_stack.ask("What is Etna?")
+    result = final(fault_stack, pk)
+    assert result["status"] == "done", result["error"]
+    assert (result["gpu"], result["attempts"]) == ("gpu1", 2)
+    assert echoed_tokens(result["answer"]) == 20
+    assert result["answer"].count("Echo:") == 1
+    assert len([c for c in failing.calls if c["path"] == "/api/chat"]) == 1
