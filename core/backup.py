@@ -32,6 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+from django.apps import apps
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
@@ -72,6 +73,15 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _unmanaged() -> list[str]:
+    # Models without a table of their own (admin pages over Redis, views): nothing to dump.
+    return [
+        f"{model._meta.app_label}.{model.__name__}"
+        for model in apps.get_models()
+        if not model._meta.managed
+    ]
+
+
 def _migrations() -> dict[str, list[str]]:
     applied: dict[str, list[str]] = defaultdict(list)
     for app, name in MigrationRecorder(connection).applied_migrations():
@@ -94,7 +104,7 @@ def backup_create(*, path: Path) -> Summary:
             dump = Path(scratch) / "database.json"
             call_command(
                 "dumpdata",
-                exclude=_NOT_DUMPED,
+                exclude=_NOT_DUMPED + _unmanaged(),
                 natural_foreign=True,
                 output=str(dump),
                 verbosity=0,

@@ -187,6 +187,8 @@ def test_a_backup_restored_into_a_fresh_stack_answers_from_it(
             "Which defence answers 1.e4 with c5?",
             "--corpus",
             "backed-up",
+            "--user",
+            "keeper",
             "--timeout",
             "90",
         )
