@@ -24,7 +24,7 @@ from chat import formats, grounding, prompts, selectors
 from chat.models import Question
 from core import llm, metrics, realtime, tracing, vectorstore
 from ingestion.models import Corpus
-from workers import health, identity
+from workers import health, identity, placement
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +147,18 @@ def question_retry_elsewhere(*, question: Question, message: str) -> bool:
     overloaded). False when no GPU can take it: the caller fails it."""
     from chat.tasks import answer_question
 
-    others = [w for w in health.available_gpu_workers() if w["gpu"] != identity.gpu_label()]
+    model = question.conversation.corpus.effective_chat_model
+    others = [
+        w
+        for w in health.available_gpu_workers()
+        if w["name"] != identity.worker_name()
+        and any(q.startswith("gpu.") for q in w["queues"])
+        and (not w["models_seen"] or placement.canonical(model) in w["models"])
+    ]
     if others:
-        queue, countdown = f"gpu.{others[0]['gpu'][3:]}", 0.0
+        # That worker's own queue: named per host and card, it reaches that worker alone.
+        queue = next(q for q in others[0]["queues"] if q.startswith("gpu."))
+        countdown = 0.0
     elif health.is_healthy()[0]:
         queue = None
         countdown = settings.RMASSIMO_RETRY_BACKOFF_S * 2 ** (question.attempts - 1)
@@ -307,6 +316,8 @@ def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) ->
             raise
     stream.flush()
     generation_ms = stats.eval_ms or round((time.monotonic() - generation_started) * 1000, 1)
+    # Placement weighs a model swap by what loading this model really costs here.
+    placement.learn_load(chat_model, stats.load_ms / 1000)
 
     answer = "".join(parts)
     truncated = stats.done_reason in CUT_SHORT

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from chat.models import Question
 from core import metrics, realtime
-from workers import health
+from workers import health, placement
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,28 @@ def requeue_stale(*, now=None) -> dict:
                     {"type": "failed", "question": question.pk, "error": message},
                 )
         waiting = []
+    if waiting:
+        # A question for a model that no online worker's Ollama has would be put back for
+        # ever: fail it, saying how to pull the model (the workers listed theirs since).
+        unanswerable = []
+        for question in Question.objects.filter(pk__in=waiting).select_related(
+            "conversation__corpus"
+        ):
+            model = question.conversation.corpus.chat_model or settings.RMASSIMO_CHAT_MODEL
+            queue, missing = placement.route_question(model, count=False)
+            if queue is None:
+                unanswerable.append(question.pk)
+                changed = Question.objects.filter(
+                    pk=question.pk, status=Question.Status.QUEUED
+                ).update(status=Question.Status.FAILED, error=missing, finished_at=now)
+                if changed:
+                    stranded += 1
+                    metrics.question_finished(question, outcome="failed", finished_at=now)
+                    realtime.publish_on_commit(
+                        question.conversation_id,
+                        {"type": "failed", "question": question.pk, "error": missing},
+                    )
+        waiting = [pk for pk in waiting if pk not in unanswerable]
     if waiting:
         depth = sum(health.queue_depths(health.question_queues()).values())
         if depth < len(waiting):

@@ -51,3 +51,15 @@ def with_answer_so_far(questions: Iterable[Question]) -> list[Question]:
         if question.status == Question.Status.RUNNING:
             question.answer = "".join(realtime.partial_answer(question.pk, question.attempts))
     return questions
+
+
+def question_chat_model(question_id: int) -> str | None:
+    """The chat model that answers the question: its corpus', or the default."""
+    from django.conf import settings
+
+    row = Question.objects.filter(pk=question_id).values_list(
+        "conversation__corpus__chat_model", flat=True
+    )
+    if not row:
+        return None
+    return row[0] or settings.RMASSIMO_CHAT_MODEL

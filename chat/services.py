@@ -5,6 +5,7 @@ The answer job the GPU workers run is in chat.answering, the reaper in chat.reap
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
@@ -13,6 +14,7 @@ from chat import selectors
 from chat.models import Conversation, Question
 from core import metrics, realtime
 from ingestion.models import Corpus
+from workers import placement
 
 
 def conversation_create(
@@ -31,7 +33,9 @@ def question_create(
 ) -> Question:
     """Record a question and enqueue it once the row is committed.
 
-    `queue` pins it to one card (`gpu.<i>`); by default any idle GPU takes it.
+    It goes to the queue of its chat model (workers.placement routes it), where a worker
+    serving that model takes it; `queue` pins it to one worker's own queue instead. If no
+    online worker's Ollama has the model, it fails at once, saying how to pull the model.
     """
     from chat.tasks import answer_question
 
@@ -41,6 +45,12 @@ def question_create(
             conversation = conversation_create(owner=owner, corpus=corpus, title=text[:80])
         question = Question.objects.create(conversation=conversation, text=text)
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
+        if queue is None:
+            # The queue itself is chosen as it is sent (workers.placement.route_task).
+            model = conversation.corpus.chat_model or settings.RMASSIMO_CHAT_MODEL
+            routed, missing = placement.route_question(model)
+            if routed is None:
+                return _fail_unanswerable(question, missing)
 
         def enqueue() -> None:
             # Announced before it is sent: once sent, a worker may claim it at once, which
@@ -54,6 +64,19 @@ def question_create(
             Question.objects.filter(pk=question.pk).update(enqueued_at=timezone.now())
 
         transaction.on_commit(enqueue)
+    return question
+
+
+def _fail_unanswerable(question: Question, message: str) -> Question:
+    now = timezone.now()
+    Question.objects.filter(pk=question.pk).update(
+        status=Question.Status.FAILED, error=message, finished_at=now
+    )
+    question.refresh_from_db()
+    metrics.question_finished(question)
+    realtime.publish_on_commit(
+        question.conversation_id, {"type": "failed", "question": question.pk, "error": message}
+    )
     return question
 
 

@@ -445,3 +445,39 @@ def probe(*, model: str, base_url: str, timeout: float = 10.0) -> str | None:
             f"{response.text[:200]}"
         )
     return None
+
+
+_kinds: dict[tuple[str, str, str], bool] = {}  # (url, model, digest) -> is an embedding model
+
+
+def pulled_models(base_url: str, *, timeout: float = 5.0) -> dict[str, bool]:
+    """The models pulled on that server (`/api/tags`), each mapped to True for an embedding
+    model (its `/api/show` capabilities say so), False for a chat model. Raises LLMError."""
+    url = _url(base_url)
+    try:
+        client = ollama.Client(host=url, timeout=timeout)
+        listed = client.list().models
+        found = {}
+        for entry in listed:
+            name = str(entry.model)
+            key = (url, name, str(entry.digest or ""))
+            if key not in _kinds:
+                capabilities = client.show(name).capabilities or []
+                _kinds[key] = "embedding" in capabilities and "completion" not in capabilities
+            found[name] = _kinds[key]
+        return found
+    except (ollama.ResponseError, httpx.HTTPError, ConnectionError) as exc:
+        raise LLMError(
+            f"The Ollama server at {url} could not list its models: {exc}", url=url
+        ) from exc
+
+
+def loaded_models(base_url: str, *, timeout: float = 5.0) -> list[str]:
+    """The models resident on that server now (`/api/ps`). Raises LLMError."""
+    url = _url(base_url)
+    try:
+        return [str(m.model) for m in ollama.Client(host=url, timeout=timeout).ps().models]
+    except (ollama.ResponseError, httpx.HTTPError, ConnectionError) as exc:
+        raise LLMError(
+            f"The Ollama server at {url} could not list its loaded models: {exc}", url=url
+        ) from exc

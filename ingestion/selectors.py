@@ -63,3 +63,9 @@ def active_job(document: Document) -> IngestionJob | None:
         .order_by("-created_at")
         .first()
     )
+
+
+def job_embed_model(job_id: int) -> str:
+    """The embedding model an ingestion job's chunks are embedded with ("" for none)."""
+    job = IngestionJob.objects.select_related("document__corpus").filter(pk=job_id).first()
+    return job.document.corpus.configured_embed_model if job else ""

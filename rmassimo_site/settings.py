@@ -348,6 +348,12 @@ RMASSIMO_GPU_SLOTS = env.int("RMASSIMO_GPU_SLOTS", default=1)
 RMASSIMO_WEB_PROCESSES = env.int("RMASSIMO_WEB_PROCESSES", default=1)
 RMASSIMO_CPU_CONCURRENCY = env.int("RMASSIMO_CPU_CONCURRENCY", default=2)
 RMASSIMO_HEARTBEAT_S = env.float("RMASSIMO_HEARTBEAT_S", default=5.0)
+# Queues per model and placement (docs/fleet.md): "models", or "shared" for one queue.
+RMASSIMO_PLACEMENT = env.str("RMASSIMO_PLACEMENT", default="models")
+RMASSIMO_PLACEMENT_TICK_S = env.float("RMASSIMO_PLACEMENT_TICK_S", default=1.0)
+RMASSIMO_PLACEMENT_WINDOW_S = env.float("RMASSIMO_PLACEMENT_WINDOW_S", default=60.0)
+RMASSIMO_PLACEMENT_LOAD_S = env.float("RMASSIMO_PLACEMENT_LOAD_S", default=10.0)
+RMASSIMO_PLACEMENT_SERVICE_S = env.float("RMASSIMO_PLACEMENT_SERVICE_S", default=5.0)
 # Ingestion jobs: starts of a job's preparing step before it is failed instead of looping;
 # seconds without a sign of life before an active job may be retried; URL fetch timeout.
 RMASSIMO_JOB_MAX_ATTEMPTS = env.int("RMASSIMO_JOB_MAX_ATTEMPTS", default=3)

@@ -30,6 +30,9 @@ os.environ.setdefault("RMASSIMO_FETCH_ALLOWED_HOSTS", "localhost")
 # "I don't know" give their corpus its own threshold.
 os.environ.setdefault("RMASSIMO_MIN_RELEVANCE_BM25", "0")
 os.environ.setdefault("RMASSIMO_MIN_RELEVANCE_DENSE", "-1")
+# One shared question queue: the suite's session worker takes every question, whatever its
+# model; tests of routing by model and placement start their own workers with "models".
+os.environ.setdefault("RMASSIMO_PLACEMENT", "shared")
 # The suite's workers talk to Ollama stand-ins; a test of the embedded model says so itself.
 os.environ.setdefault("RMASSIMO_LLM_BACKEND", "ollama")
 

@@ -8,6 +8,8 @@ from django.test import override_settings
 
 from core import llm
 from tests.ollama_stub import FOREVER, OllamaStub
+from tests.processes import wait_for
+from tests.test_pipeline import ask, poll
 
 CHAT, EMBED = "llama3.1:8b", "bge-m3"
 MESSAGES = [{"role": "user", "content": "Dov'è Pisa? [[tokens=3]]"}]
@@ -74,3 +76,139 @@ def _ps(sim):
     import httpx
 
     return httpx.get(f"{sim.url}/api/ps").json()["models"]
+
+
+# --- routing and placement, with real workers ---------------------------------------------
+
+ALPHA, BETA = "alpha:14b", "beta:14b"
+GB = 10**9
+FLEET_SCALE = 0.02  # a 10 s load takes 0.2 s
+PLACEMENT_ENV = {
+    "RMASSIMO_PLACEMENT": "models",
+    "RMASSIMO_PLACEMENT_TICK_S": "0.05",
+    "RMASSIMO_PLACEMENT_WINDOW_S": "3",
+    "RMASSIMO_PLACEMENT_LOAD_S": "0.2",
+    "RMASSIMO_PLACEMENT_SERVICE_S": "0.1",
+}
+
+
+@pytest.fixture
+def fleet(own_workers, var_dir, settings):
+    """Start simulated servers and their workers with model placement: fleet(models, ...)."""
+    from tests.processes import Worker
+
+    settings.RMASSIMO_PLACEMENT = "models"
+    started = []
+
+    def start(*pulled: list[str]):
+        sims = []
+        for i, models in enumerate(pulled):
+            sim = OllamaStub(
+                name=f"gpu{i}",
+                chat_models=models,
+                embed_models=[EMBED],
+                gpus=[24 * GB],  # one 14 GB model at a time
+                models={m: {"size": 14 * GB, "load_s": 10.0} for m in (ALPHA, BETA)},
+                keep_alive=-1,
+                parallel=1,
+                tps=100,
+                time_scale=FLEET_SCALE,
+            ).start()
+            worker = Worker(
+                name=f"gpu{i}@fleet",
+                queues=[f"gpu.{i}@fleet"],
+                ollama_url=sim.url,
+                gpu=f"gpu{i}",
+                log_dir=var_dir / "logs",
+                extra_env=PLACEMENT_ENV,
+            )
+            started.append((sim, worker))
+            sims.append(sim)
+        wait_for(
+            lambda: len([w for w in _fleet_workers() if w["models"] and w["serving"]]) == len(sims),
+            timeout=60,
+            what="every worker listing its models and serving one",
+        )
+        return sims
+
+    yield start
+    for sim, worker in started:
+        worker.stop()
+        sim.stop()
+    from workers.celery import app
+
+    app.control.purge()
+
+
+def _fleet_workers():
+    from workers import health
+
+    return [w for w in health.workers() if w["name"].endswith("@fleet") and w["online"]]
+
+
+def _listed(api):
+    return {w["gpu"]: w for w in api.staff.get("/api/v1/workers/").json() if "@fleet" in w["name"]}
+
+
+def _corpus(model):
+    from ingestion.models import Corpus
+
+    slug = model.replace(":", "-")
+    return Corpus.objects.get_or_create(
+        slug=slug, defaults={"name": model, "chat_model": model, "embed_model": "none"}
+    )[0]
+
+
+def _chats(sim, model=None):
+    return [
+        c for c in sim.calls if c["path"] == "/api/chat" and (model is None or c["model"] == model)
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_model_a_server_lacks_is_never_sent_there(fleet, api):
+    both, alpha_only = fleet([ALPHA, BETA], [ALPHA])
+    listed = _listed(api)
+    assert listed["gpu1"]["models"] == [ALPHA, "bge-m3:latest"]
+    assert set(listed["gpu0"]["models"]) == {ALPHA, BETA, "bge-m3:latest"}
+
+    ids = [
+        ask(api.owner, text=f"beta question {i} [[tokens=5]]", corpus=_corpus(BETA).slug)["id"]
+        for i in range(6)
+    ] + [
+        ask(api.owner, text=f"alpha question {i} [[tokens=5]]", corpus=_corpus(ALPHA).slug)["id"]
+        for i in range(6)
+    ]
+    results = [poll(api.owner, i, timeout=60) for i in ids]
+    assert all(r["status"] == "done" for r in results), [r["error"] for r in results]
+    assert not _chats(alpha_only, BETA)  # never sent where it is not pulled
+    assert {r["gpu"] for r in results[:6]} == {"gpu0"}
+    assert _listed(api)["gpu1"]["serving"] == ALPHA
+    wait_for(lambda: _listed(api)["gpu1"]["loaded"] == [ALPHA], what="gpu1 to show ALPHA loaded")
+
+    # A model no server has fails at once, naming the model and how to pull it.
+    posted = ask(api.owner, text="gamma?", corpus=_corpus("gamma:7b").slug)
+    assert posted["status"] == "failed"
+    assert "gamma:7b" in posted["error"] and "ollama pull gamma:7b" in posted["error"]
+    assert not [c for s in (both, alpha_only) for c in _chats(s, "gamma:7b")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_shuffled_mix_loads_each_card_about_once(fleet, api):
+    import random
+
+    sims = fleet([ALPHA, BETA], [ALPHA, BETA], [ALPHA, BETA])
+    for sim in sims:
+        sim.reset_events()
+    models = [ALPHA] * 16 + [BETA] * 8
+    random.Random(3).shuffle(models)
+    ids = [
+        ask(api.owner, text=f"question {i} [[tokens=10]]", corpus=_corpus(m).slug)["id"]
+        for i, m in enumerate(models)
+    ]
+    results = [poll(api.owner, i, timeout=120) for i in ids]
+    assert all(r["status"] == "done" for r in results), [r["error"] for r in results]
+    loads = {s.config["name"]: [e["model"] for e in s.events if e["event"] == "load"] for s in sims}
+    # Each card loads a model about once (a shared queue swaps at nearly every question).
+    assert sum(len(v) for v in loads.values()) <= len(sims) + 2, loads
+    assert {r["gpu"] for r in results} == {"gpu0", "gpu1", "gpu2"}

@@ -306,10 +306,11 @@ def test_a_group_naming_an_absent_card_is_an_error(nvml):
         discover_gpus("0,1+2")
 
 
-def test_pinned_queues_name_the_cards():
+def test_pinned_queues_name_the_host_and_the_cards():
     group = CardGroup((simulated_gpu(2), simulated_gpu(3)))
-    assert launcher.pinned_queue(group) == "gpu.2+3"
-    assert launcher.pinned_queue(simulated_gpu(1)) == "gpu.1"
+    assert launcher.pinned_queue(group, "host-a") == "gpu.2+3@host-a"
+    assert launcher.pinned_queue(simulated_gpu(1), "host-b") == "gpu.1@host-b"
+    assert launcher.pinned_queue(simulated_gpu(1), "host-a") != "gpu.1@host-b"
 
 
 # --- pinned_gpu ------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def test_run_workers_one_worker_per_gpu_each_on_its_own_ollama(run_workers, two_
     gpu = [w for w in workers if w["gpu"] != "cpu"]
     assert sorted(w["gpu"] for w in gpu) == LABELS
     for w in gpu:
-        assert w["queues"] == sorted(["interactive", "batch", f"gpu.{w['gpu'][3:]}"])
+        assert w["queues"] == sorted(["interactive", "batch", f"gpu.{w['gpu'][3:]}@{HOST}"])
         assert w["ollama_url"] == stub_of(two_stubs, w["gpu"]).url
     # The group's worker process, and so its pool, sees both of its cards.
     group = next(w for w in gpu if w["gpu"] == "gpu1+2")

@@ -43,6 +43,15 @@ class WorkerOutput(serializers.Serializer):
     tokens_per_s = serializers.FloatField()
     answers_last_minute = serializers.IntegerField()
     queues = QueueOutput(many=True)
+    models = serializers.ListField(
+        child=serializers.CharField(), help_text="Models pulled on its Ollama (/api/tags)."
+    )
+    loaded = serializers.ListField(
+        child=serializers.CharField(), help_text="Models loaded on its Ollama now (/api/ps)."
+    )
+    serving = serializers.CharField(
+        help_text="The chat model whose questions it takes now (placement); empty: any."
+    )
     ollama_url = serializers.CharField(help_text=_DETAIL)
 
 

@@ -90,6 +90,12 @@ def answering_label() -> str:
     return f"{chosen.model} (Ollama)"
 
 
+def publish_models(**fields) -> None:
+    """This worker's models (`models` pulled, `loaded` now, `serving`) and `queues`."""
+    encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+    client().hset(_key(identity.worker_name()), mapping=encoded)
+
+
 def job_started(*, task: str, task_id: str, args: list) -> None:
     job = json.dumps({"task": task, "id": task_id, "args": args, "since": time.time()})
     client().hset(_key(identity.worker_name()), "current_job", job)
@@ -133,9 +139,12 @@ def is_healthy() -> tuple[bool, float]:
 
 
 def question_queues() -> list[str]:
-    """The broker queues a question can wait in: the shared one and every card's own."""
-    pinned = sorted({q for w in workers() for q in w["queues"] if q.startswith("gpu.")})
-    return ["interactive", *pinned]
+    """The broker queues a question can wait in: the shared one, every model's (those the
+    workers' Ollamas have) and every card's own."""
+    seen = workers()
+    pinned = sorted({q for w in seen for q in w["queues"] if q.startswith("gpu.")})
+    models = sorted({f"interactive.{m}" for w in seen for m in w["models"]})
+    return ["interactive", *models, *pinned]
 
 
 def available_gpu_workers() -> list[dict]:
@@ -156,9 +165,10 @@ class Heartbeat(threading.Thread):
     Ollama every RMASSIMO_HEALTH_RETRY_S; when the probe answers, it consumes again.
     """
 
-    def __init__(self, *, queues: list[str], node: str, control=None) -> None:
+    def __init__(self, *, queues: list[str], node: str, control=None, placer=None) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self.queues = queues
+        self._queues = queues
+        self.placer = placer  # when set, it owns the queues: health only turns it off and on
         self.node = node
         self.control = control
         self.consuming = True
@@ -168,7 +178,7 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
-                beat(queues=self.queues)
+                beat(queues=self.queues, extra={"backend": self._backend()})
                 self._sample_fleet()
                 if self.control is not None and identity.gpu_label() != "cpu":
                     self._follow_health()
@@ -182,6 +192,20 @@ class Heartbeat(threading.Thread):
         from workers import fleet
 
         fleet.sample_queues()
+
+    @property
+    def queues(self) -> list[str]:
+        return list(self.placer.queues) if self.placer is not None else self._queues
+
+    def _backend(self) -> str:
+        if identity.gpu_label() == "cpu":
+            return ""
+        from core import llm
+
+        try:
+            return llm.backend().name
+        except llm.LLMError:
+            return ""
 
     def _follow_health(self) -> None:
         from core import llm
@@ -208,6 +232,10 @@ class Heartbeat(threading.Thread):
             self._set_consuming(True)
 
     def _set_consuming(self, on: bool) -> None:
+        if self.placer is not None:
+            self.placer.set_enabled(on)
+            self.consuming = on
+            return
         for queue in self.queues:
             if on:
                 self.control.add_consumer(queue, destination=[self.node], reply=True, timeout=5)
@@ -247,6 +275,12 @@ def workers() -> list[dict]:
                 "jobs_done": int(raw.get("jobs_done") or 0),
                 "llm": raw.get("llm", ""),
                 "queues": json.loads(raw.get("queues") or "[]"),
+                "backend": raw.get("backend", ""),
+                # what its Ollama has pulled, has loaded now, and the model it serves
+                "models": json.loads(raw.get("models") or "[]"),
+                "models_seen": "models" in raw,
+                "loaded": json.loads(raw.get("loaded") or "[]"),
+                "serving": raw.get("serving", ""),
             }
         )
     return sorted(result, key=lambda w: (w["gpu"] == "cpu", w["gpu"], w["name"]))

@@ -64,9 +64,10 @@ def metrics_port(base: int | None, gpu: Unit | None) -> int | None:
     return base if gpu is None else base + 1 + gpu.index
 
 
-def pinned_queue(gpu: Unit) -> str:
-    """The queue of work for this one worker: `gpu.<cards>` (`gpu.2+3` for a group)."""
-    return f"gpu.{gpu.label.removeprefix('gpu')}"
+def pinned_queue(gpu: Unit, host: str) -> str:
+    """The queue of work for this one worker: `gpu.<cards>@<host>` (`gpu.2+3@host` for a
+    group), unique across hosts, since card 1 of one host is not card 1 of another."""
+    return f"gpu.{gpu.label.removeprefix('gpu')}@{host}"
 
 
 def gpu_worker(
@@ -81,7 +82,7 @@ def gpu_worker(
     name = f"{gpu.label}@{host}"
     return WorkerSpec(
         name=name,
-        queues=["interactive", "batch", pinned_queue(gpu)],
+        queues=["interactive", "batch", pinned_queue(gpu, host)],
         concurrency=slots,
         loglevel=loglevel,
         metrics_port=metrics_port(metrics_base, gpu),

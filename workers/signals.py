@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import signals
 
 from core import metrics
-from workers import health, identity
+from workers import health, identity, placement
 
 logger = logging.getLogger(__name__)
 _heartbeat: health.Heartbeat | None = None
@@ -19,9 +20,31 @@ def _start_heartbeat(sender=None, **kwargs) -> None:
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values())
     health.run_started()
     health.set_healthy()
-    _heartbeat = health.Heartbeat(queues=queues, node=sender.hostname, control=sender.app.control)
+    placer = _start_placement(sender)
+    _heartbeat = health.Heartbeat(
+        queues=queues, node=sender.hostname, control=sender.app.control, placer=placer
+    )
     _heartbeat.start()
     _start_metrics_exporter(sender)
+
+
+def _start_placement(consumer) -> placement.Placer | None:
+    """A GPU worker whose model runs on Ollama takes its queues from placement (by model);
+    the CPU worker and an embedded-backend worker keep the queues they were started with."""
+    if identity.gpu_label() == "cpu" or placement.mode() != placement.MODELS:
+        return None
+    from core import llm
+
+    try:
+        if llm.backend().embedded:
+            return None
+    except llm.LLMError:
+        return None
+    # In the order given with -Q: the order the worker polls them in.
+    base = [q.name for q in consumer.app.amqp.queues.consume_from.values()]
+    placer = placement.Placer(node=consumer.hostname, control=consumer.app.control, base=base)
+    placer.start()
+    return placer
 
 
 def _start_metrics_exporter(consumer) -> None:
@@ -64,6 +87,8 @@ def _check_connections(**kwargs) -> None:
 
 @signals.task_prerun.connect
 def _job_started(task_id=None, task=None, args=None, **kwargs) -> None:
+    global _job_began
+    _job_began = time.monotonic()
     try:
         health.job_started(task=task.name, task_id=task_id, args=list(args or []))
     except Exception:  # noqa: BLE001 - bookkeeping must never fail a job
@@ -71,11 +96,26 @@ def _job_started(task_id=None, task=None, args=None, **kwargs) -> None:
 
 
 @signals.task_postrun.connect
-def _job_finished(**kwargs) -> None:
+def _job_finished(task=None, **kwargs) -> None:
     try:
         health.job_finished()
+        _learn_answer_time(task)
     except Exception:  # noqa: BLE001
         logger.debug("could not record the job end", exc_info=True)
+
+
+_job_began = 0.0
+
+
+def _learn_answer_time(task) -> None:
+    """Placement weighs backlogs by each model's mean answer time, learned here: an answer
+    taken from a model's queue counts for that model (its load included)."""
+    if task is None or task.name != "chat.tasks.answer_question":
+        return
+    queue = (getattr(task.request, "delivery_info", None) or {}).get("routing_key") or ""
+    model = placement.model_of(queue)
+    if model and _job_began:
+        placement.learn_service(model, time.monotonic() - _job_began)
 
 
 # --- metrics: task counts, queue wait and card busy time, from Celery's own signals -----
