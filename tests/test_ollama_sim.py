@@ -6,6 +6,7 @@ Placement is judged against these behaviours, so each one is pinned here through
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -152,23 +153,36 @@ def test_keep_alive_from_the_server_unless_the_request_sends_one(client, sim):
 
 
 def test_parallel_slots_and_a_full_queue_answers_503(sim):
-    sim.configure(parallel=1, max_queue=1, tps=100, time_scale=1.0, models={})
+    sim.configure(parallel=1, max_queue=1, tps=20, time_scale=1.0, models={})
     results = []
 
     def run():
         try:
-            ask(ollama.Client(host=sim.url), SMALL, "x [[tokens=30]]")
+            ask(ollama.Client(host=sim.url), SMALL, "x [[tokens=40]]")
             results.append("ok")
         except ollama.ResponseError as exc:
             results.append((exc.status_code, exc.error))
 
+    def waiting():
+        with sim._lock:
+            return sim._pending
+
     threads = [threading.Thread(target=run) for _ in range(3)]
+    threads[0].start()  # takes the one slot for 2 s
+    wait_until(lambda: loads(sim))
+    threads[1].start()  # waits in the queue
+    wait_until(lambda: waiting() == 1)
+    threads[2].start()  # finds the queue full
     for thread in threads:
-        thread.start()
-        threading.Event().wait(0.05)  # one runs, one waits in the queue, one finds it full
-    for thread in threads:
-        thread.join(10)
+        thread.join(15)
     assert sorted(results, key=str) == sorted(["ok", "ok", (503, MAX_QUEUE_ERROR)], key=str)
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_an_error_line_after_some_tokens(client, sim):

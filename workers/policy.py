@@ -92,6 +92,8 @@ def choose(view: View, params: Params = Params()) -> str | None:  # noqa: B008 -
 
     stay = servers.get(current, 0)
     still_carried = stay * params.utilisation >= view.need(current)
+    # A swap must gain more than it costs, even for a model short of servers: the margin
+    # keeps a worker from swapping on the first question of a turning mix.
     best, best_gain = current, 0.0
     for model in models:
         if model == current:
