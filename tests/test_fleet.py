@@ -153,10 +153,18 @@ def _listed(api):
 def _corpus(model):
     from ingestion.models import Corpus
 
-    slug = model.replace(":", "-")
-    return Corpus.objects.get_or_create(
-        slug=slug, defaults={"name": model, "chat_model": model, "embed_model": "none"}
-    )[0]
+    return Corpus.objects.get(slug=model.replace(":", "-"))
+
+
+@pytest.fixture
+def corpora(worker, transactional_db):
+    """One corpus per model, indexed by the session's workers before the fleet's start (a
+    question whose retrieval finds nothing is answered without the model)."""
+    from tests.corpus import build_corpus
+
+    docs = {"faq.txt": "Every question about alpha and beta and gamma gets its answer here."}
+    for model in (ALPHA, BETA, "gamma:7b"):
+        build_corpus(model.replace(":", "-"), docs, chat_model=model, embed_model="none")
 
 
 def _chats(sim, model=None):
@@ -166,7 +174,7 @@ def _chats(sim, model=None):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_model_a_server_lacks_is_never_sent_there(fleet, api):
+def test_a_model_a_server_lacks_is_never_sent_there(corpora, fleet, api):
     both, alpha_only = fleet([ALPHA, BETA], [ALPHA])
     listed = _listed(api)
     assert listed["gpu1"]["models"] == [ALPHA, "bge-m3:latest"]
@@ -184,7 +192,15 @@ def test_a_model_a_server_lacks_is_never_sent_there(fleet, api):
     assert not _chats(alpha_only, BETA)  # never sent where it is not pulled
     assert {r["gpu"] for r in results[:6]} == {"gpu0"}
     assert _listed(api)["gpu1"]["serving"] == ALPHA
-    wait_for(lambda: _listed(api)["gpu1"]["loaded"] == [ALPHA], what="gpu1 to show ALPHA loaded")
+    # `loaded` is what each worker's Ollama has resident (/api/ps)
+    wait_for(
+        lambda: (
+            [_listed(api)[f"gpu{i}"]["loaded"] for i in (0, 1)]
+            == [sorted(r.model for r in sim.resident()) for sim in (both, alpha_only)]
+        ),
+        what="the workers to show their loaded models",
+    )
+    assert _listed(api)["gpu0"]["loaded"]  # it answered BETA, which stays resident
 
     # A model no server has fails at once, naming the model and how to pull it.
     posted = ask(api.owner, text="gamma?", corpus=_corpus("gamma:7b").slug)
@@ -194,7 +210,7 @@ def test_a_model_a_server_lacks_is_never_sent_there(fleet, api):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_shuffled_mix_loads_each_card_about_once(fleet, api):
+def test_a_shuffled_mix_loads_each_card_about_once(corpora, fleet, api):
     import random
 
     sims = fleet([ALPHA, BETA], [ALPHA, BETA], [ALPHA, BETA])
