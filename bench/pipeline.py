@@ -33,6 +33,30 @@ def corpus_texts() -> dict[str, str]:
     return {f"{name}.txt": topics[name] for name in names}
 
 
+def index_corpus(count: int):
+    """Ingest the bench corpus through the workers; `count` questions about its topics."""
+    from ingestion import services
+    from ingestion.models import IngestionJob
+
+    corpus, _ = services.corpus_get_or_create(slug="bench")
+    docs = corpus_texts()
+    jobs = [
+        services.document_add(corpus=corpus, source=name, data=text.encode()).job.pk
+        for name, text in docs.items()
+    ]
+    wait(
+        lambda: IngestionJob.objects.filter(pk__in=jobs, status="done").count() == len(jobs),
+        timeout=300,
+        what="ingestion",
+    )
+    topics = sorted(docs)
+    questions = [
+        f"What does the documentation say about {topics[i % len(topics)][:-4]}?"
+        for i in range(count)
+    ]
+    return corpus, docs, questions
+
+
 async def ask_all(base: str, token: str, questions: list[str], generation: float) -> list[float]:
     """Ask one at a time as a websocket client would see it: follow the conversation's
     events (the channel layer the websocket consumer reads), POST, wait for `done`."""
@@ -88,8 +112,6 @@ def main() -> None:
     try:
         from django.conf import settings
 
-        from ingestion import services
-        from ingestion.models import IngestionJob
 
         stub = stack.stub(name="gpu0", tps=args.tps, latency=args.latency, reply_tokens=args.tokens)
         stack.worker(
@@ -99,23 +121,8 @@ def main() -> None:
             gpu="gpu0",
         )
         base = stack.web()
-        corpus, _ = services.corpus_get_or_create(slug="bench")
-        docs = corpus_texts()
-        jobs = [
-            services.document_add(corpus=corpus, source=name, data=text.encode()).job.pk
-            for name, text in docs.items()
-        ]
-        wait(
-            lambda: IngestionJob.objects.filter(pk__in=jobs, status="done").count() == len(jobs),
-            timeout=300,
-            what="ingestion",
-        )
+        corpus, docs, questions = index_corpus(args.questions)
         generation = args.latency + args.tokens / args.tps
-        topics = sorted(docs)
-        questions = [
-            f"What does the documentation say about {topics[i % len(topics)][:-4]}?"
-            for i in range(args.questions)
-        ]
         print(
             f"{len(docs)} documents indexed; {args.questions} questions; stand-in "
             f"generation {generation * 1000:.0f} ms per answer ({args.tokens} tokens at "
@@ -175,8 +182,6 @@ def metrics_ab(args) -> None:
     """Metrics on against off, same stack, alternating rounds (see the module's doc)."""
     stack = Stack(name="pipeline")
     try:
-        from ingestion import services
-        from ingestion.models import IngestionJob
         from tests.processes import free_port
         from workers.celery import app
 
@@ -205,23 +210,8 @@ def metrics_ab(args) -> None:
                 action(queue, destination=[f"gpu0@{arm}"], reply=True, timeout=10)
 
         consume("on", False)
-        corpus, _ = services.corpus_get_or_create(slug="bench")
-        docs = corpus_texts()
-        jobs = [
-            services.document_add(corpus=corpus, source=name, data=text.encode()).job.pk
-            for name, text in docs.items()
-        ]
-        wait(
-            lambda: IngestionJob.objects.filter(pk__in=jobs, status="done").count() == len(jobs),
-            timeout=300,
-            what="ingestion",
-        )
+        _, docs, questions = index_corpus(args.questions)
         generation = args.latency + args.tokens / args.tps
-        topics = sorted(docs)
-        questions = [
-            f"What does the documentation say about {topics[i % len(topics)][:-4]}?"
-            for i in range(args.questions)
-        ]
         token = token_for("bench")
         added: dict[str, list[float]] = {"on": [], "off": []}
         for start in range(0, len(questions), 10):
