@@ -13,6 +13,7 @@ import pytest
 from rest_framework.authtoken.models import Token
 
 from tests import processes
+from tests.conftest import grant
 from tests.ollama_stub import OllamaStub
 
 FAST = {
@@ -104,7 +105,7 @@ class FaultStack:
                 str(log_dir / f"beat-{port}"),
             ],
         )
-        self.cpu = self.worker("cpu", queues=["cpu"], stub=None)
+        self.cpu = self.worker("cpu", queues=["cpu", "housekeeping"], stub=None)
         processes.wait_for(
             lambda: processes.port_open("127.0.0.1", port), timeout=60, what="daphne"
         )
@@ -195,6 +196,7 @@ def fault_stack(milvus, var_dir, transactional_db, django_user_model, tmp_path):
     log_dir.mkdir()
     redis = RedisServer(log_dir)
     user = django_user_model.objects.create_user(username="faulty", password="x", is_staff=True)
+    grant(user)  # an operator: sees each card's health error
     stack = FaultStack(redis, log_dir, user)
     yield stack
     stack.close()
