@@ -99,6 +99,17 @@ class FreshStack:
         with psycopg.connect(self.database_url.replace("postgres://", "postgresql://", 1)) as db:
             return db.execute(sql, params).fetchall()
 
+    def final_status(self, table: str, pk: int, finals: tuple[str, ...], what: str) -> str:
+        """The row's status once it is one of `finals` (the table name is the test's own)."""
+        sql = f"SELECT status FROM {table} WHERE id = %s"  # noqa: S608
+
+        def settled():
+            rows = self.query(sql, pk)
+            return rows and rows[0][0] in finals
+
+        processes.wait_for(settled, timeout=90, interval=0.5, what=what)
+        return self.query(sql, pk)[0][0]
+
     def close(self) -> None:
         for proc in reversed(self.procs):
             processes.stop(proc)
@@ -163,25 +174,14 @@ def test_a_backup_restored_into_a_fresh_stack_answers_from_it(
         assert sources.splitlines()[1].startswith("  [1] volcanoes ")
         assert "Vesuvius" in sources
 
-        def answered():
-            rows = fresh.query("SELECT status FROM chat_question WHERE id = %s", waiting.pk)
-            return rows and rows[0][0] in ("done", "failed")
-
-        processes.wait_for(answered, timeout=90, interval=0.5, what="the waiting question")
-        assert (
-            fresh.query("SELECT status, answer FROM chat_question WHERE id = %s", waiting.pk)[0][0]
-            == "done"
+        status = fresh.final_status(
+            "chat_question", waiting.pk, ("done", "failed"), what="the waiting question"
         )
-
-        def reindexed():
-            rows = fresh.query("SELECT status FROM ingestion_document WHERE id = %s", chess.pk)
-            return rows and rows[0][0] in ("indexed", "failed")
-
-        processes.wait_for(reindexed, timeout=90, interval=0.5, what="the stale document")
-        assert (
-            fresh.query("SELECT status FROM ingestion_document WHERE id = %s", chess.pk)[0][0]
-            == "indexed"
+        assert status == "done"
+        status = fresh.final_status(
+            "ingestion_document", chess.pk, ("indexed", "failed"), what="the stale document"
         )
+        assert status == "indexed"
         asked = fresh.manage(
             "ask",
             "Which defence answers 1.e4 with c5?",
