@@ -1,4 +1,4 @@
-"""manage.py run_web: several daphne processes serving the ASGI app on one socket."""
+"""manage.py run_web: several daphne processes serving the ASGI app on one port."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ class WebSupervisor(launcher.Supervisor):
 
 class Command(BaseCommand):
     help = (
-        "Serve the site with several daphne processes that share one listening socket (the "
-        "kernel hands each new connection to one of them); restart any that dies; SIGTERM "
+        "Serve the site with several daphne processes listening on one port (the kernel "
+        "spreads new connections evenly over them); restart any that dies; SIGTERM "
         "or Ctrl-C stops them all."
     )
 
@@ -82,17 +82,18 @@ class Command(BaseCommand):
         if ":" in options["host"]:
             # daphne adopts an inherited socket as IPv4 only.
             raise CommandError("--host must be an IPv4 address or name (e.g. 0.0.0.0).")
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((options["host"], options["port"]))
-        except OSError as exc:
-            raise CommandError(
-                f"Cannot listen on {options['host']}:{options['port']}: {exc}"
-            ) from exc
-        # Many clients connect at once under load: a short backlog would refuse some.
-        listener.listen(1024)
-        listener.set_inheritable(True)
+        # First a plain bind, which fails if anything listens there already: SO_REUSEPORT
+        # alone would let a second run_web on the port quietly take half of the traffic.
+        self._listen(options["host"], options["port"], reuse_port=False).close()
+        # One listening socket per process, all bound to the port with SO_REUSEPORT: the
+        # kernel spreads new connections evenly over them. With one socket shared by all,
+        # the process that wakes first accepts the whole backlog (Twisted accepts up to a
+        # hundred at a time), and kept-alive clients then stay on it while the others idle.
+        # Each socket stays open here too, so connections that arrive while its process is
+        # being restarted wait in its backlog instead of being refused.
+        listeners = [
+            self._listen(options["host"], options["port"]) for _ in range(options["processes"])
+        ]
         self.stdout.write(
             f"Serving on http://{options['host']}:{options['port']}/ with "
             f"{options['processes']} daphne process(es)"
@@ -104,12 +105,28 @@ class Command(BaseCommand):
                 proxy_headers=options["proxy_headers"],
                 env=self._metrics_env(),
             )
-            for i in range(options["processes"])
+            for i, listener in enumerate(listeners)
         ]
         code = WebSupervisor(specs, out=self.stdout).run()
-        listener.close()
+        for listener in listeners:
+            listener.close()
         if code:
             raise CommandError("web processes stopped with errors", returncode=code)
+
+    def _listen(self, host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            listener.bind((host, port))
+        except OSError as exc:
+            listener.close()
+            raise CommandError(f"Cannot listen on {host}:{port}: {exc}") from exc
+        # Many clients connect at once under load: a short backlog would refuse some.
+        listener.listen(1024)
+        listener.set_inheritable(True)
+        return listener
 
     def _metrics_env(self) -> dict[str, str]:
         """One multiprocess directory for all the daphne processes, emptied at start: a
