@@ -158,9 +158,7 @@ def test_bursts_of_connections_are_spread_over_the_processes(live, var_dir):
     of connections lands is where their requests are served for as long as they last: one
     process taking most of them would leave the others idle under load."""
     tier = WebTier(processes_=2, log=var_dir / "logs" / "run_web_burst.log")
-    request = (
-        f"GET /accounts/login/ HTTP/1.1\r\nHost: 127.0.0.1:{tier.port}\r\n\r\n"
-    ).encode()
+    request = (f"GET /accounts/login/ HTTP/1.1\r\nHost: 127.0.0.1:{tier.port}\r\n\r\n").encode()
     try:
         # Where a burst lands with one shared accept queue is a race (seen: 42/22, 0/64):
         # three bursts, each of which must be spread.
