@@ -21,7 +21,7 @@ from llama_index.vector_stores.milvus import MilvusVectorStore
 from llama_index.vector_stores.milvus.utils import BM25BuiltInFunction
 from pymilvus import MilvusClient, MilvusException
 
-from core import metrics, tracing
+from core import locks, metrics, tracing
 
 logger = logging.getLogger(__name__)
 
@@ -186,37 +186,49 @@ def store(corpus_id: int, *, dim: int | None) -> _Store:
     if cached is not None:
         return cached
     try:
-        client = _client()
-        if client.has_collection(name):
-            existing_dim = _collection_dim(client, name)
-            if dim is not None and existing_dim not in (None, dim):
-                raise VectorStoreError(
-                    f"The corpus index was built with {existing_dim}-dimensional embeddings "
-                    f"but the embedding model now gives {dim}; re-ingest the corpus."
-                )
-            dim = existing_dim
-        built = _Store(
-            uri=settings.MILVUS_URI,
-            token=settings.MILVUS_TOKEN,
-            collection_name=name,
-            dim=dim,
-            enable_dense=dim is not None,
-            enable_sparse=True,
-            sparse_embedding_function=BM25BuiltInFunction(),
-            similarity_metric="IP",
-            upsert_mode=True,
-            use_async_client=False,
-            hybrid_ranker=HYBRID_RANKER,
-            hybrid_ranker_params=dict(HYBRID_RANKER_PARAMS),
-            index_config={"index_type": "AUTOINDEX"},
-            timeout=_CONNECT_TIMEOUT_S,
-            grpc_options=dict(_GRPC_OPTIONS),
-        )
-        built.client.load_collection(name)
+        if _client().has_collection(name):
+            built = _open(name, dim)
+        else:
+            # Two workers (two prepare groups of one corpus) that both see no collection
+            # would both create it: one fails ("already exists", a second index) or builds
+            # another shape. Whoever comes second finds it made and opens it as it is.
+            with locks.held(f"milvus-create:{settings.MILVUS_URI}:{name}"):
+                built = _open(name, dim)
     except MilvusException as exc:
         raise _unreachable(exc) from exc
     with _lock:
         _stores[key] = built
+    return built
+
+
+def _open(name: str, dim: int | None) -> _Store:
+    client = _client()
+    if client.has_collection(name):
+        existing_dim = _collection_dim(client, name)
+        if dim is not None and existing_dim not in (None, dim):
+            raise VectorStoreError(
+                f"The corpus index was built with {existing_dim}-dimensional embeddings "
+                f"but the embedding model now gives {dim}; re-ingest the corpus."
+            )
+        dim = existing_dim
+    built = _Store(
+        uri=settings.MILVUS_URI,
+        token=settings.MILVUS_TOKEN,
+        collection_name=name,
+        dim=dim,
+        enable_dense=dim is not None,
+        enable_sparse=True,
+        sparse_embedding_function=BM25BuiltInFunction(),
+        similarity_metric="IP",
+        upsert_mode=True,
+        use_async_client=False,
+        hybrid_ranker=HYBRID_RANKER,
+        hybrid_ranker_params=dict(HYBRID_RANKER_PARAMS),
+        index_config={"index_type": "AUTOINDEX"},
+        timeout=_CONNECT_TIMEOUT_S,
+        grpc_options=dict(_GRPC_OPTIONS),
+    )
+    built.client.load_collection(name)
     return built
 
 
