@@ -1,8 +1,9 @@
 """The embed pipeline (GPU workers): embed and upsert one batch of RMASSIMO_EMBED_BATCH
 chunks, which may span several small documents of a corpus.
 
-The first batch of a plan fixes the collection's shape and fans out the rest, so no two
-workers race to create a collection. Progress is counted from the chunk rows, so a
+The first batch of a plan fixes the collection's shape and fans out the rest, so the
+batches of one plan do not all try to create the collection (two plans of one corpus may:
+`vectorstore.store` serialises creation). Progress is counted from the chunk rows, so a
 redelivered batch changes nothing.
 """
 
@@ -48,8 +49,8 @@ def _batches(plan: list[tuple[int, int, int]]) -> list[list[Range]]:
 
 
 def queue_batches(plan: list[tuple[int, int, int]], *, first_only: bool) -> None:
-    """The first batch of a plan goes alone: it may create the corpus' collection, which
-    two workers must not race to do; it queues the others once done."""
+    """The first batch of a plan goes alone: it may create the corpus' collection, and the
+    others would only wait for that; it queues them once done."""
     from ingestion.tasks import embed_batch
 
     batches = _batches(plan)
@@ -127,22 +128,26 @@ def _embed(held: dict[int, IngestionJob], live: list[Range]) -> None:
                 [c.text for c in chunks], model=model, base_url=identity.ollama_url()
             )
             embed_seconds = time.monotonic() - embed_started
-        # Embedding takes a while: a newer version of a document may have started
-        # meanwhile, and its vectors share these ids. Check again just before writing.
-        current = set(
-            IngestionJob.objects.filter(
-                jobs.runs_q(runs.items()), status=IngestionJob.Status.RUNNING
-            ).values_list("pk", flat=True)
-        )
-        if current != set(runs):
-            keep = [i for i, r in enumerate(rows) if r.job_id in current]
-            rows = [rows[i] for i in keep]
-            chunks = [chunks[i] for i in keep]
-            embeddings = [embeddings[i] for i in keep] if embeddings else embeddings
-            runs = {job_id: run for job_id, run in runs.items() if job_id in current}
-            if not rows:
-                return
-        vectorstore.upsert_chunks(corpus.pk, chunks, embeddings)
+        with jobs.vectors_writing(corpus.pk):
+            # Embedding takes a while: a newer version of a document may have started
+            # meanwhile, and its vectors share these ids. The check and the upsert are one
+            # step under the corpus' lock, which every newer version's writes (its prepare
+            # step's delete, its batches) wait for: a version that starts after the check
+            # writes after this upsert, and a check made after it started skips its rows.
+            current = set(
+                IngestionJob.objects.filter(
+                    jobs.runs_q(runs.items()), status=IngestionJob.Status.RUNNING
+                ).values_list("pk", flat=True)
+            )
+            if current != set(runs):
+                keep = [i for i, r in enumerate(rows) if r.job_id in current]
+                rows = [rows[i] for i in keep]
+                chunks = [chunks[i] for i in keep]
+                embeddings = [embeddings[i] for i in keep] if embeddings else embeddings
+                runs = {job_id: run for job_id, run in runs.items() if job_id in current}
+                if not rows:
+                    return
+            vectorstore.upsert_chunks(corpus.pk, chunks, embeddings)
     except (llm.LLMError, vectorstore.VectorStoreError) as exc:
         for job_id, run in runs.items():
             jobs.job_fail(job_id=job_id, run=run, message=str(exc))
@@ -157,13 +162,15 @@ def _embed(held: dict[int, IngestionJob], live: list[Range]) -> None:
     Chunk.objects.filter(pk__in=[r.pk for r in rows]).update(indexed=True)
     if jobs.jobs_record_progress(runs=runs, rows=rows, embed_seconds=embed_seconds) < len(runs):
         # A job stopped meanwhile: vectors written for a document deleted or removed
-        # meanwhile go too.
+        # meanwhile go too (its own deletes wait for this batch's upsert and catch it; this
+        # is for one whose delete failed).
         documents = {r.document_id for r in rows}
-        kept = set(
-            Document.objects.filter(pk__in=documents)
-            .exclude(status=Document.Status.REMOVED)
-            .values_list("pk", flat=True)
-        )
-        for document_id in documents - kept:
-            vectorstore.delete_document(corpus.pk, document_id)
+        with jobs.vectors_writing(corpus.pk):
+            kept = set(
+                Document.objects.filter(pk__in=documents)
+                .exclude(status=Document.Status.REMOVED)
+                .values_list("pk", flat=True)
+            )
+            for document_id in documents - kept:
+                vectorstore.delete_document(corpus.pk, document_id)
     jobs.jobs_finish_complete(corpus_id=corpus.pk, runs=list(runs.items()))

@@ -40,7 +40,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from core import metrics, vectorstore
+from core import locks, metrics, vectorstore
 from ingestion.models import Chunk, Corpus, Document, IngestionJob
 from workers import identity
 
@@ -216,10 +216,15 @@ def jobs_finish_complete(*, corpus_id: int, runs: list[tuple[int, int]]) -> None
     for job in complete:
         if job.run == 1 and not job.has_history:
             continue
-        # A batch of an earlier, longer version that slipped past its run check would
-        # leave chunks past the end: none may outlive the version now indexed.
+        # A batch of an earlier, longer version that passed its run check before this
+        # version started leaves chunks past the end: none may outlive the version now
+        # indexed. Unless a newer version started meanwhile: these indexes are its own.
         try:
-            vectorstore.delete_document(corpus_id, job.document_id, from_chunk=job.chunks_done)
+            with vectors_writing(corpus_id):
+                if _newest(job):
+                    vectorstore.delete_document(
+                        corpus_id, job.document_id, from_chunk=job.chunks_done
+                    )
         except vectorstore.VectorStoreError:
             logger.warning("job %s: could not sweep chunks past %s", job.pk, job.chunks_done)
     if not IngestionJob.objects.filter(document__corpus_id=corpus_id, status__in=ACTIVE).exists():
@@ -229,6 +234,19 @@ def jobs_finish_complete(*, corpus_id: int, runs: list[tuple[int, int]]) -> None
             vectorstore.flush(corpus_id)
         except vectorstore.VectorStoreError:
             logger.warning("corpus %s: could not flush its collection", corpus_id)
+
+
+def vectors_writing(corpus_id: int):
+    """Held by every write of a corpus' vectors together with its check that the version it
+    writes for is still current (a Redis lock, never a row lock: no row stays locked while
+    Milvus answers).
+
+    Vector ids are `<document>:<chunk>` whatever the version, so two versions of a document
+    would otherwise cross: a batch of version 1 checks that its run is current, version 2
+    is added, prepared and embedded, then version 1's upsert lands over version 2's vectors.
+    Under the lock, whatever starts after a check writes after the write it guards.
+    """
+    return locks.held(f"vectors:{corpus_id}")
 
 
 def _slug(corpus_id: int) -> str:
@@ -248,6 +266,13 @@ def _count(jobs, outcome: str) -> None:
     if metrics.ENABLED:
         for slug in jobs.values_list("document__corpus__slug", flat=True):
             metrics.ingestion_job(corpus=slug, outcome=outcome)
+
+
+def _newest(job: IngestionJob) -> bool:
+    """The job is done with this run and no newer job of its document exists."""
+    done = IngestionJob.objects.filter(pk=job.pk, run=job.run, status=IngestionJob.Status.DONE)
+    newer = IngestionJob.objects.filter(document_id=job.document_id, pk__gt=job.pk)
+    return done.exists() and not newer.exists()
 
 
 def runs_q(runs) -> Q:

@@ -121,14 +121,18 @@ def _store_chunks(ready: list[_Prepared]) -> list[_Prepared]:
     failed: list[tuple[_Prepared, str]] = []
     # Milvus first, outside the transaction, so no row lock is held while it answers.
     # Delete-then-insert per document: no chunk of an older version survives (a batch of
-    # an older run checks its run again just before it writes).
+    # an older run checks its run under the corpus' lock, and this delete waits for it).
     history = _documents_with_history([p.job for p in ready])
     cleared = []
     for prepared in ready:
         job = prepared.job
         if job.run > 1 or job.document_id in history:
             try:
-                vectorstore.delete_document(job.document.corpus_id, job.document_id)
+                with jobs.vectors_writing(job.document.corpus_id):
+                    # Superseded meanwhile: the vectors are a newer version's now.
+                    if not _still_running(job):
+                        continue
+                    vectorstore.delete_document(job.document.corpus_id, job.document_id)
             except vectorstore.VectorStoreError as exc:
                 failed.append((prepared, str(exc)))
                 continue
@@ -179,6 +183,12 @@ def _store_chunks(ready: list[_Prepared]) -> list[_Prepared]:
     for prepared, reason in failed:
         jobs.job_fail(job_id=prepared.job.pk, run=prepared.job.run, message=reason)
     return stored
+
+
+def _still_running(job: IngestionJob) -> bool:
+    return IngestionJob.objects.filter(
+        pk=job.pk, run=job.run, status=IngestionJob.Status.RUNNING
+    ).exists()
 
 
 def _update_stored(stored: list[_Prepared]) -> None:
