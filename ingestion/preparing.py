@@ -262,10 +262,22 @@ def _store_fetched(document: Document, data: bytes, digest: str) -> None:
         return
     name = PurePath(document.source.split("?", 1)[0].rstrip("/")).name or "index"
     old = document.file.name if document.file else ""
+    storage = document.file.storage
     document.file.save(name[:100], ContentFile(data), save=False)
-    Document.objects.filter(pk=document.pk).update(
-        file=document.file.name, content_hash=digest, size=len(data)
-    )
+    new = document.file.name
+    try:
+        # Not in a transaction: the update is committed when it returns.
+        saved = Document.objects.filter(pk=document.pk).update(
+            file=new, content_hash=digest, size=len(data)
+        )
+    except BaseException:
+        storage.delete(new)
+        raise
+    if not saved:
+        # The document was deleted meanwhile: no row names the new file.
+        storage.delete(new)
+        return
     document.content_hash = digest
-    if old and old != document.file.name:
-        document.file.storage.delete(old)
+    # Only now that no row names it any more.
+    if old and old != new:
+        storage.delete(old)

@@ -9,19 +9,31 @@ ingestion.jobs.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from django.conf import settings
 from django.core.files.base import ContentFile, File
+from django.core.files.storage import Storage
 from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from core import metrics, vectorstore
 from ingestion import fetching, parsing, selectors
-from ingestion.jobs import ACTIVE, job_create_failed, jobs_supersede, retryable_jobs
+from ingestion.jobs import (
+    ACTIVE,
+    job_create_failed,
+    jobs_supersede,
+    retryable_jobs,
+    vectors_writing,
+)
 from ingestion.models import Chunk, Corpus, Document, IngestionJob
+
+logger = logging.getLogger(__name__)
 
 
 def corpus_get_or_create(*, slug: str, name: str = "", language: str = "") -> tuple[Corpus, bool]:
@@ -50,12 +62,60 @@ def document_add(
     Bad input never raises here: it ends as a failed job with the reason, like anything
     the worker finds wrong later, so every caller reports failures the same way.
     """
-    with transaction.atomic():
+    with _storing() as files:
         item = NewDocument(source=source, data=data, title=title, upload=upload)
-        added, created = _add(corpus, item)
+        added, created = _add(corpus, item, files)
         if created:
             _queue_prepare([added.job.pk])
     return added
+
+
+@dataclass
+class _Files:
+    """The files a transaction stores and replaces."""
+
+    saved: list[tuple[Storage, str]] = field(default_factory=list)
+
+    def store(self, document: Document, name: str, content: File) -> None:
+        """Save the document's file under `name`; the one it had goes once this commits."""
+        old, storage = (document.file.name if document.file else ""), document.file.storage
+        document.file.save(name, content, save=False)
+        self.saved.append((storage, document.file.name))
+        if old:
+            # A rollback brings back the row that names it: it must still be there.
+            transaction.on_commit(lambda: storage.delete(old))
+
+
+@contextmanager
+def _storing() -> Iterator[_Files]:
+    """A transaction that stores document files: kept if it commits, deleted again if it
+    rolls back, so no file is left that no row names.
+
+    Durable: it must be the outermost transaction, or a rollback of an enclosing one would
+    happen after this block and leave the files behind.
+    """
+    files = _Files()
+    committed = False
+
+    def commit() -> None:
+        nonlocal committed
+        committed = True
+
+    try:
+        with transaction.atomic(durable=True):
+            # First of the commit's callbacks: one that fails after it (queueing the jobs)
+            # comes after the commit, and the rows that name the files are there.
+            transaction.on_commit(commit)
+            yield files
+    except BaseException:
+        if committed:
+            raise
+        for storage, name in files.saved:
+            try:
+                storage.delete(name)
+            except OSError:
+                logger.warning("could not delete %s after a rollback", name)
+        raise
 
 
 @dataclass(frozen=True)
@@ -92,7 +152,7 @@ def documents_add(*, corpus: Corpus, documents: list[NewDocument]) -> list[Added
     latest = {d.source: d for d in documents}  # a source given twice: its last bytes
     results: dict[str, Added] = {}
     queued: list[int] = []
-    with transaction.atomic():
+    with _storing() as files:
         known = set(
             Document.objects.filter(corpus=corpus, source__in=list(latest)).values_list(
                 "source", flat=True
@@ -101,7 +161,7 @@ def documents_add(*, corpus: Corpus, documents: list[NewDocument]) -> list[Added
         fresh: list[Document] = []
         for item in latest.values():
             if item.source in known or item.size > settings.RMASSIMO_UPLOAD_MAX_BYTES:
-                added, created = _add(corpus, item)
+                added, created = _add(corpus, item, files)
                 results[item.source] = added
                 if created:
                     queued.append(added.job.pk)
@@ -114,7 +174,7 @@ def documents_add(*, corpus: Corpus, documents: list[NewDocument]) -> list[Added
                 content_hash=item.digest(),
                 size=item.size,
             )
-            document.file.save(name, item.content(), save=False)
+            files.store(document, name, item.content())
             fresh.append(document)
         Document.objects.bulk_create(fresh, batch_size=500)
         now = timezone.now()
@@ -128,7 +188,7 @@ def documents_add(*, corpus: Corpus, documents: list[NewDocument]) -> list[Added
     return [results[d.source] for d in documents]
 
 
-def _add(corpus: Corpus, item: NewDocument) -> tuple[Added, bool]:
+def _add(corpus: Corpus, item: NewDocument, files: _Files) -> tuple[Added, bool]:
     """The document's new state; True when a new job was created (to be queued)."""
     source, title = item.source, item.title
     digest = item.digest()
@@ -148,9 +208,7 @@ def _add(corpus: Corpus, item: NewDocument) -> tuple[Added, bool]:
         failed = job_create_failed(document=document, message=str(exc))
         return Added(document=document, job=failed), False
     if document.content_hash != digest or not document.file:
-        if document.file:
-            document.file.delete(save=False)
-        document.file.save(name, item.content(), save=False)
+        files.store(document, name, item.content())
     document.content_hash = digest
     document.size = item.size
     document.title = title or document.title
@@ -283,8 +341,26 @@ def document_remove_from_index(*, document: Document) -> None:
         Document.objects.filter(pk=document.pk).update(
             status=Document.Status.REMOVED, indexed_hash="", chunk_count=0, error=""
         )
-    # Again, after the commit: a batch that was embedding meanwhile may have written some.
-    vectorstore.delete_document(document.corpus_id, document.pk)
+    # Again, once committed: a batch that was embedding meanwhile may have written some.
+    _delete_vectors_on_commit(document.corpus_id, document.pk, while_removed=True)
+
+
+def _delete_vectors_on_commit(
+    corpus_id: int, document_id: int, *, while_removed: bool = False
+) -> None:
+    """Delete a document's vectors once the transaction commits (an enclosing one's, if
+    any: no row stays locked while Milvus answers), under the corpus' lock: after any
+    batch that passed its run check before the commit. One that checks later finds its job
+    stopped or gone and writes nothing."""
+
+    def delete() -> None:
+        with vectors_writing(corpus_id):
+            removed = Document.objects.filter(pk=document_id, status=Document.Status.REMOVED)
+            if while_removed and not removed.exists():
+                return  # ingested again meanwhile: the vectors are the new version's
+            vectorstore.delete_document(corpus_id, document_id)
+
+    transaction.on_commit(delete, robust=True)
 
 
 def document_delete(*, document: Document) -> None:
@@ -300,9 +376,8 @@ def document_delete(*, document: Document) -> None:
         locked.delete()
         if name:
             transaction.on_commit(lambda: storage.delete(name))
-    # A batch that was embedding meanwhile finds its job gone and cleans up after itself
-    # from now on; this catches one that wrote just before the commit.
-    vectorstore.delete_document(corpus_id, document_id)
+    # Again, once committed: a batch that was embedding meanwhile may have written some.
+    _delete_vectors_on_commit(corpus_id, document_id)
 
 
 def documents_delete(*, documents: QuerySet[Document]) -> int:
@@ -325,4 +400,6 @@ def corpus_delete(*, corpus: Corpus) -> None:
         storage = Document._meta.get_field("file").storage
         corpus.delete()  # a corpus with conversations is protected: nothing happens then
         transaction.on_commit(lambda: [storage.delete(name) for name in names])
-    vectorstore.drop_corpus(corpus_id)
+        # Once committed, an enclosing transaction's commit included: no row stays locked
+        # while Milvus answers, and a rollback keeps the vectors of the corpus it restores.
+        transaction.on_commit(lambda: vectorstore.drop_corpus(corpus_id))
