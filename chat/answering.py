@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -29,6 +29,10 @@ from workers import health, identity, placement
 logger = logging.getLogger(__name__)
 
 _CANCEL_CHECK_S = 0.25
+# How long an attempt waits for the database to come back to save what it did (a restart,
+# a failover): past it the task is tried again later, as after any crash.
+_DB_AWAY_MAX_S = 120.0
+_DB_AWAY = (OperationalError, InterfaceError)
 _MAX_STANDALONE_CHARS = 1000
 # Why a model stopped, when it did not end its answer itself: its length limit (Ollama and
 # llama.cpp), or the embedded backend's guard against a loop.
@@ -116,6 +120,10 @@ def question_answer(*, question_id: int) -> float:
         health.llm_succeeded()
     except Lost:
         logger.info("question %s: this attempt lost its claim; stopping", question.pk)
+    except _DB_AWAY:
+        # The database stayed away: the task is sent again and takes the question over once
+        # this attempt's lease has run out.
+        raise
     except llm.LLMError as exc:
         logger.warning("question %s failed on %s: %s", question.pk, question.gpu, exc)
         if exc.retryable:
@@ -164,9 +172,12 @@ def question_retry_elsewhere(*, question: Question, message: str) -> bool:
         countdown = settings.RMASSIMO_RETRY_BACKOFF_S * 2 ** (question.attempts - 1)
     else:
         return False
-    released = Question.objects.filter(
-        pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
-    ).update(status=Question.Status.QUEUED, error=message, lease_until=None, answer="")
+    released = _despite_the_database_away(
+        lambda: Question.objects.filter(
+            pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
+        ).update(status=Question.Status.QUEUED, error=message, lease_until=None, answer=""),
+        question_id=question.pk,
+    )
     if not released:
         return True
     realtime.clear_partial(question.pk, question.attempts)
@@ -196,6 +207,9 @@ class _Lease:
         self.length = timedelta(seconds=settings.RMASSIMO_LEASE_S)
         self.every = settings.RMASSIMO_LEASE_S / 3
         self.lost = threading.Event()
+        # Set while the database does not answer: the stream goes on without checking, the
+        # heartbeat keeps trying and clears it once a renewal goes through.
+        self.database_away = threading.Event()
         self._stopped = threading.Event()
         self._last_check = time.monotonic()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{question.pk}", daemon=True)
@@ -224,10 +238,12 @@ class _Lease:
                     if not self._renew():
                         self.lost.set()
                         return
+                    self.database_away.clear()
                 except DatabaseError:
                     # The database is away: the next beat tries again. Should it stay away
                     # past the lease, the question may go to another card, which is right.
                     logger.warning("question %s: could not renew its lease", self.question.pk)
+                    self.database_away.set()
                     connections.close_all()
         finally:
             connections.close_all()  # this thread's own connection
@@ -236,10 +252,19 @@ class _Lease:
         """Raise Lost once this attempt no longer holds the question."""
         if self.lost.is_set():
             raise Lost()
-        if time.monotonic() - self._last_check < _CANCEL_CHECK_S:
+        if self.database_away.is_set() or time.monotonic() - self._last_check < _CANCEL_CHECK_S:
             return
         self._last_check = time.monotonic()
-        if not self._renew():
+        try:
+            renewed = self._renew()
+        except _DB_AWAY:
+            # A restart of the database is no reason to drop an answer being generated: the
+            # stream goes on, and the answer is saved once the database is back.
+            logger.warning("question %s: the database is away; answering on", self.question.pk)
+            self.database_away.set()
+            connections.close_all()  # this thread's broken connection
+            return
+        if not renewed:
             self.lost.set()
             raise Lost()
 
@@ -343,29 +368,53 @@ def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) ->
         "finished_at": timezone.now(),
         "lease_until": None,
     }
-    with transaction.atomic():
-        done = Question.objects.filter(
-            pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
-        ).update(**fields)
-        if not done:
-            raise Lost()
-        for name, value in fields.items():
-            setattr(question, name, value)
 
-        realtime.publish_on_commit(
-            question.conversation_id,
-            {
-                "type": "done",
-                "question": question.pk,
-                "answer": question.answer,
-                "truncated": question.truncated,
-                "sources": question.sources,
-                "timings": formats.timings(question),
-                "gpu": question.gpu,
-            },
-        )
-        transaction.on_commit(lambda: realtime.clear_partial(question.pk, question.attempts))
+    def save() -> None:
+        with transaction.atomic():
+            done = Question.objects.filter(
+                pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
+            ).update(**fields)
+            if not done:
+                raise Lost()
+            for name, value in fields.items():
+                setattr(question, name, value)
+
+            realtime.publish_on_commit(
+                question.conversation_id,
+                {
+                    "type": "done",
+                    "question": question.pk,
+                    "answer": question.answer,
+                    "truncated": question.truncated,
+                    "sources": question.sources,
+                    "timings": formats.timings(question),
+                    "gpu": question.gpu,
+                },
+            )
+            transaction.on_commit(lambda: realtime.clear_partial(question.pk, question.attempts))
+
+    _despite_the_database_away(save, question_id=question.pk)
     metrics.question_finished(question)  # metrics: outcome, waits, tokens from the row
+
+
+def _despite_the_database_away(write, *, question_id: int):
+    """One write of this attempt, tried again while the database is away (restarted, failing
+    over) for up to _DB_AWAY_MAX_S: an answer already generated is saved, not generated
+    again by another attempt. The write's own conditions (status, attempt) still decide."""
+    deadline = time.monotonic() + _DB_AWAY_MAX_S
+    delay = 0.2
+    while True:
+        try:
+            return write()
+        except _DB_AWAY:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning(
+                "question %s: the database is away; saving again in %.1fs", question_id, delay
+            )
+            connections.close_all()  # the broken connection: the next try takes a fresh one
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
 def _vectorstore_call(call):
@@ -383,9 +432,12 @@ def _vectorstore_call(call):
 def question_fail(*, question: Question, message: str) -> None:
     """End this attempt as failed, with a reason a person can read."""
     now = timezone.now()
-    changed = Question.objects.filter(
-        pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
-    ).update(status=Question.Status.FAILED, error=message, finished_at=now, lease_until=None)
+    changed = _despite_the_database_away(
+        lambda: Question.objects.filter(
+            pk=question.pk, status=Question.Status.RUNNING, attempts=question.attempts
+        ).update(status=Question.Status.FAILED, error=message, finished_at=now, lease_until=None),
+        question_id=question.pk,
+    )
     realtime.clear_partial(question.pk, question.attempts)
     if changed:
         metrics.question_finished(question, outcome="failed", finished_at=now)  # metrics

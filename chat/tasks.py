@@ -2,6 +2,7 @@
 
 from celery import shared_task
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from chat import answering, reaper
 from workers.celery import HOUSEKEEPING_LIMIT_S, limits
@@ -11,6 +12,11 @@ from workers.celery import HOUSEKEEPING_LIMIT_S, limits
     name="chat.tasks.answer_question",
     bind=True,
     max_retries=None,
+    # The database away (a restart): the message is sent again rather than lost, and the
+    # claim decides, once it is back, whether there is anything left to do.
+    autoretry_for=(OperationalError, InterfaceError),
+    retry_backoff=1,
+    retry_backoff_max=30,
     **limits(settings.RMASSIMO_ANSWER_TIME_LIMIT),
 )
 def answer_question(self, question_id: int) -> None:

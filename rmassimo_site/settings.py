@@ -148,6 +148,10 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'd
 # a burst of requests opens a connection per thread until Postgres refuses more. The pool
 # bounds each process' connections and reuses them (Django needs CONN_MAX_AGE 0 with it).
 DATABASES["default"]["CONN_MAX_AGE"] = 0
+# A database restart leaves every pooled connection broken: the pool tests each before
+# handing it out, so a request gets a fresh connection (waiting for one while the database
+# is away) instead of failing once per broken connection.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
