@@ -28,6 +28,8 @@ Ollama's JSON shapes, status codes and error bodies, for the real ``ollama`` cli
 
 Behaviour changes at run time through ``configure()`` or, for a stub in another process,
 ``GET/POST /_stub/config``, ``GET/DELETE /_stub/calls`` and ``GET/DELETE /_stub/events``.
+``calls`` logs every ``/api/`` request: path, model, body, ``time`` (received) and
+``finished`` (its answer written), so a benchmark takes the model's own time from it.
 CLI: ``--help``.
 """
 
@@ -236,7 +238,7 @@ class OllamaStub:
     @property
     def calls(self):
         with self._lock:
-            return list(self._calls)
+            return [dict(call) for call in self._calls]
 
     def reset_calls(self):
         with self._lock:
@@ -246,7 +248,15 @@ class OllamaStub:
         model = body.get("model") if isinstance(body, dict) else None
         entry = {"path": path, "model": model, "body": body, "time": time.time()}
         with self._lock:
-            self._calls.append({**entry, "stub": self._config["name"]})
+            entry["stub"] = self._config["name"]
+            self._calls.append(entry)
+        return entry
+
+    def _finished(self, entry):
+        # The model's own time for a request is `finished - time`: benchmarks subtract
+        # it from what a client saw, rather than assuming the configured pace was kept.
+        with self._lock:
+            entry["finished"] = time.time()
 
     def _take_failure(self):
         with self._lock:
@@ -515,6 +525,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""  # drained even when unused: keep-alive
         self.body = None
+        call = None
         try:
             if handler is None:
                 return self._send(404, b"404 page not found", "text/plain")
@@ -523,9 +534,9 @@ class _Handler(BaseHTTPRequestHandler):
                     self.body = self._parse_body(raw)
                 finally:
                     if path.startswith("/api/"):
-                        self.stub._record(path, self.body)
+                        call = self.stub._record(path, self.body)
             elif path.startswith("/api/"):
-                self.stub._record(path, None)
+                call = self.stub._record(path, None)
             if path in FAILING_PATHS and (failure := self.stub._take_failure()):
                 raise failure
             result = handler()
@@ -537,6 +548,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(exc.args[0], {"error": exc.args[1]})
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        finally:
+            if call is not None:
+                self.stub._finished(call)
 
     do_GET = do_HEAD = do_POST = do_DELETE = _route
 

@@ -338,6 +338,11 @@ def test_calls_log(client, stub):
     assert all(c["stub"] == "gpu0" and c["time"] > 0 for c in calls)
     stub.reset_calls()
     assert stub.calls == []
+    # `finished - time` is the model's own time for the request, as the benches read it.
+    stub.configure(tps=50, reply_tokens=10)
+    ask(client, "paced")
+    (chat,) = stub.calls
+    assert chat["finished"] - chat["time"] >= 10 / 50
 
 
 def test_configure_rejects_unknown_settings(stub):
