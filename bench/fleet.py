@@ -1,7 +1,8 @@
 """A mixed-model fleet on the Ollama simulator: shared queue, fixed split and placement.
 
 Every policy gets the same arrival sequence, in the same run, through the real API, Celery
-workers, Redis and Milvus (BM25 retrieval); only the model servers are simulated
+workers, Redis and Milvus (BM25 retrieval: each model's corpus holds the demo corpus, and
+the questions are the demo evaluation set's); only the model servers are simulated
 (tests/ollama_stub.py: model loads, LRU eviction, one model per card's memory), with time
 scaled by --scale so that an hour of traffic takes minutes. Figures are printed in the
 simulation's own seconds (wall seconds / scale).
@@ -29,10 +30,20 @@ import random
 import time
 from dataclasses import dataclass
 
-from stack import Stack, percentile, token_for, wait
+from stack import (
+    Stack,
+    demo_documents,
+    demo_questions,
+    indexed_corpus,
+    percentile,
+    retrieval_evidence,
+    token_for,
+    wait,
+)
 
 GB = 10**9
 TPS = 50.0  # simulated tokens per second: an answer of t seconds is t * TPS tokens
+QUESTIONS = demo_questions()
 
 
 @dataclass
@@ -101,7 +112,8 @@ async def submit(base: str, token: str, plan: list, scale: float) -> list[int]:
         async def one(i: int, at: float, model: str, seconds: float) -> int:
             await asyncio.sleep(max(0.0, start + at * scale - time.monotonic()))
             tokens = max(1, round(seconds * TPS))
-            body = {"text": f"question {i} [[tokens={tokens}]]", "corpus": slug(model)}
+            text = f"{QUESTIONS[i % len(QUESTIONS)]} [[tokens={tokens}]]"
+            body = {"text": text, "corpus": slug(model)}
             r = await client.post("/api/v1/questions/", json=body)
             r.raise_for_status()
             return r.json()["id"]
@@ -165,8 +177,7 @@ def run_policy(stack, scenario, policy: str, plan: list, args) -> dict:
     t0 = time.monotonic()
     ids = asyncio.run(submit(base, token, plan, scale))
     wait(
-        lambda: Question.objects.filter(pk__in=ids, status__in=Question.FINAL).count()
-        == len(ids),
+        lambda: Question.objects.filter(pk__in=ids, status__in=Question.FINAL).count() == len(ids),
         timeout=3600,
         what=f"{policy}: every question answered",
     )
@@ -189,6 +200,7 @@ def run_policy(stack, scenario, policy: str, plan: list, args) -> dict:
     per_model = {}
     for q, r in zip(rows, responses, strict=True):
         per_model.setdefault(q.conversation.corpus.chat_model, []).append(r)
+    searched = retrieval_evidence(ids, stubs)
     for worker in workers:
         worker.stop()
     stack.stop_web()
@@ -211,6 +223,7 @@ def run_policy(stack, scenario, policy: str, plan: list, args) -> dict:
         "per_model": {m: (sum(v) / len(v), len(v)) for m, v in per_model.items()},
         "wall": wall,
         "errors": sorted({q.error for q in failed})[:3],
+        "searched": searched,
     }
 
 
@@ -235,12 +248,13 @@ def main() -> None:
 
     stack = Stack(name="fleet")
     try:
-        from ingestion.models import Corpus
-
+        # BM25 retrieval in Milvus: the bench is about the chat models. With no embedding
+        # model, the CPU worker can write the passages too (the GPU workers start later,
+        # one set per policy).
+        stack.cpu_worker("batch")
         for model in scenario.models:
-            # BM25 retrieval in Milvus: the bench is about the chat models.
-            Corpus.objects.create(
-                slug=slug(model), name=model, chat_model=model, embed_model="none"
+            indexed_corpus(
+                slug(model), demo_documents(), name=model, chat_model=model, embed_model="none"
             )
         plan = arrivals(scenario, args.questions, args.seed, args.median, args.sigma)
         span = plan[-1][0]
@@ -281,6 +295,8 @@ def main() -> None:
                 f"{r['policy']:12}{r['mean']:>8.1f}s{r['p95']:>8.1f}s{r['loads']:>7}"
                 f"{r['loading_share']:>9.1%}  {cards}; {models}"
             )
+        if not all(r["searched"] for r in results):
+            raise SystemExit("questions did not search the corpus: figures not valid")
         by = {r["policy"]: r for r in results}
         if {"shared", "fixed", "placement"} <= set(by):
             best_other = min(by["shared"]["mean"], by["fixed"]["mean"])

@@ -1,8 +1,11 @@
 """Load: many clients asking and polling at once against the web tier.
 
 200 clients (each its own user), for 60 s: ask, poll every 0.5 s until the answer is final,
-ask again. 4 simulated GPUs (stand-ins serving one request at a time). Afterwards every
-accepted question must reach a final state: questions lost must be 0.
+ask again. The questions come from the demo evaluation set and are asked of the demo corpus
+(demo/), indexed first: each one searches it in Milvus (BM25) before the model answers.
+4 simulated GPUs (stand-ins serving one request at a time). Afterwards every accepted
+question must reach a final state (questions lost must be 0), and every answer must have
+come with the passages its search found.
 
 The same run measures the web tier with each number of daphne processes in
 --web-processes (`manage.py run_web`, one socket), one after the other on the same stack,
@@ -18,23 +21,33 @@ import argparse
 import asyncio
 import time
 
-from stack import Stack, percentile, token_for, wait
+from stack import (
+    Stack,
+    demo_documents,
+    demo_questions,
+    indexed_corpus,
+    percentile,
+    retrieval_evidence,
+    token_for,
+    wait,
+)
+
+QUESTIONS = demo_questions()
 
 
-async def client_loop(base: str, token: str, deadline: float, stats: dict) -> None:
+async def client_loop(base: str, token: str, deadline: float, stats: dict, first: int) -> None:
     import httpx
 
     async with httpx.AsyncClient(
         base_url=base, timeout=30, headers={"Authorization": f"Token {token}"}
     ) as http:
-        n = 0
+        n = first
         while time.monotonic() < deadline:
             n += 1
             try:
                 t0 = time.perf_counter()
-                r = await http.post(
-                    "/api/v1/questions/", json={"text": f"Vesuvius question {n}", "corpus": "load"}
-                )
+                text = QUESTIONS[n % len(QUESTIONS)]
+                r = await http.post("/api/v1/questions/", json={"text": text, "corpus": "load"})
                 stats["latency"].append(time.perf_counter() - t0)
                 stats["requests"] += 1
                 if r.status_code != 202:
@@ -61,7 +74,8 @@ async def client_loop(base: str, token: str, deadline: float, stats: dict) -> No
 
 async def run_clients(base: str, tokens: list[str], seconds: float, stats: dict) -> None:
     deadline = time.monotonic() + seconds
-    await asyncio.gather(*(client_loop(base, t, deadline, stats) for t in tokens))
+    # Each client starts at another question of the set.
+    await asyncio.gather(*(client_loop(base, t, deadline, stats, i) for i, t in enumerate(tokens)))
 
 
 def main() -> None:
@@ -82,17 +96,21 @@ def main() -> None:
 
     stack = Stack(name="load")
     try:
-        from ingestion.models import Corpus
-
-        Corpus.objects.create(slug="load", name="Load", embed_model="none")
+        stubs = []
         for i in range(args.gpus):
             stub = stack.stub(name=f"gpu{i}", tps=args.tps, reply_tokens=args.tokens, parallel=1)
+            stubs.append(stub)
             stack.worker(
                 name=f"gpu{i}@load",
                 queues=["interactive", "batch", f"gpu.{i}"],
                 ollama_url=stub.url,
                 gpu=f"gpu{i}",
             )
+        stack.cpu_worker()
+        # BM25 only: the bench is about the web tier, not embeddings.
+        indexed_corpus("load", demo_documents(), embed_model="none")
+        for stub in stubs:
+            stub.reset_calls()  # the ingestion's calls are not answers
         tokens = [token_for(f"load{i}") for i in range(args.clients)]
         print(
             f"{args.clients} clients for {args.seconds:g} s per web tier, "
@@ -115,6 +133,9 @@ def main() -> None:
             )
         lost = sum(r["lost"] for r in results.values())
         print(f"questions lost: {lost} (must be 0)  {'OK' if lost == 0 else 'FAILED'}")
+        asked = [pk for r in results.values() for pk in r["ids"]]
+        if not retrieval_evidence(asked, stubs):
+            raise SystemExit("questions did not search the corpus: figures not valid")
     finally:
         stack.close()
 
@@ -155,6 +176,7 @@ def measure(base: str, tokens: list[str], seconds: float, warmup: float) -> dict
         "done": done,
         "failed": final.count() - done,
         "lost": len(accepted) - final.count(),
+        "ids": accepted,
     }
 
 

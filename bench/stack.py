@@ -5,6 +5,7 @@ this process, on threads). Call `setup()` before importing anything from Django.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo"
+DEMO_SET = ROOT / "evaluation" / "sets" / "demo.jsonl"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -65,6 +68,14 @@ class Stack:
         )
         self.procs.append(worker)
         return worker
+
+    def cpu_worker(self, *also: str):
+        """The CPU worker as run_workers starts it (parsing and chunking, no model), on the
+        `cpu` queue and the queues in `also`."""
+        return self.worker(
+            name="cpu@bench", queues=["cpu", *also], ollama_url="", gpu="cpu",
+            CUDA_VISIBLE_DEVICES="",
+        )  # fmt: skip
 
     def web(self, processes: int = 1, **extra_env: str) -> str:
         """Start the web tier as deployed (`manage.py run_web`, `processes` daphne processes
@@ -123,6 +134,72 @@ class Stack:
             drop_database(self.database)
         if os.environ.get("BENCH_KEEP") is None:
             shutil.rmtree(self.var, ignore_errors=True)
+
+
+def indexed_corpus(slug: str, docs: dict[str, str], **fields):
+    """Corpus `slug` holding `docs`, indexed through the workers as `manage.py ingest`
+    indexes them (the CPU worker parses and chunks; a worker on `batch` embeds, unless
+    `embed_model="none"`, and upserts into Milvus), so that questions search real passages.
+    Needs workers on `cpu` and `batch`; stops the bench if a document was not indexed."""
+    from ingestion.models import Chunk, IngestionJob
+    from tests.corpus import build_corpus
+
+    corpus = build_corpus(slug, docs, timeout=600, **fields)
+    jobs = IngestionJob.objects.filter(document__corpus=corpus)
+    if jobs.exclude(status="done").exists() or not jobs.exists():
+        errors = sorted(set(jobs.exclude(status="done").values_list("error", flat=True)))
+        raise SystemExit(f"corpus {slug}: documents not indexed: {errors[:3]}")
+    passages = Chunk.objects.filter(document__corpus=corpus, indexed=True).count()
+    print(f"corpus {slug}: {len(docs)} documents, {passages} passages indexed", flush=True)
+    return corpus
+
+
+def demo_documents() -> dict[str, str]:
+    """The demo corpus (demo/*.md: the service described in English and Italian)."""
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(DEMO.glob("*.md"))}
+
+
+def demo_questions() -> list[str]:
+    """The questions of the demo evaluation set that the demo corpus answers."""
+    items = [json.loads(line) for line in DEMO_SET.read_text().splitlines() if line.strip()]
+    return [item["question"] for item in items if item.get("documents")]
+
+
+def retrieval_evidence(question_ids: list[int], stubs: list, *, label: str = "") -> bool:
+    """Print, and return, whether every question searched the corpus: its answer came with
+    sources, and every chat request the stand-ins received carried retrieved passages."""
+    from chat.models import Question
+
+    sources = list(Question.objects.filter(pk__in=question_ids).values_list("status", "sources"))
+    done = [s for status, s in sources if status == "done"]
+    with_sources = sum(1 for s in done if s)
+    chats = [c for stub in stubs for c in stub.calls if c["path"] == "/api/chat"]
+    prompted = sum(
+        1 for c in chats if '<passage n="1"' in str(c["body"]["messages"][-1]["content"])
+    )
+    ok = bool(done) and with_sources == len(done) and bool(chats) and prompted == len(chats)
+    print(
+        f"retrieval{f' ({label})' if label else ''}: {with_sources} of {len(done)} answers "
+        f"came with sources from Milvus; "
+        f"{prompted} of {len(chats)} chat requests to the stand-ins carried retrieved "
+        f"passages  {'OK' if ok else 'FAILED'}",
+        flush=True,
+    )
+    return ok
+
+
+def model_time(stub, since: int) -> float:
+    """The stand-in's own time, in seconds, for the one chat request among its calls after
+    the first `since`: from the request's arrival to its answer written (its record)."""
+
+    def recorded():
+        chats = [c for c in stub.calls[since:] if c["path"] == "/api/chat"]
+        return chats if chats and all("finished" in c for c in chats) else None
+
+    chats = wait(recorded, timeout=30, what="the stand-in's record of the answer")
+    if len(chats) != 1:
+        raise SystemExit(f"expected one chat request to the stand-in, found {len(chats)}")
+    return chats[0]["finished"] - chats[0]["time"]
 
 
 def _answers(url: str) -> bool:

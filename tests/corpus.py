@@ -22,13 +22,15 @@ DOCS = {
 }
 
 
-def build_corpus(slug: str = "demo", docs: dict[str, str] | None = None, **fields) -> Corpus:
+def build_corpus(
+    slug: str = "demo", docs: dict[str, str] | None = None, *, timeout: float = 60, **fields
+) -> Corpus:
     corpus, _ = services.corpus_get_or_create(slug=slug)
     if fields:
         for key, value in fields.items():
             setattr(corpus, key, value)
         corpus.save()
-    ingest(corpus, docs if docs is not None else DOCS)
+    ingest(corpus, docs if docs is not None else DOCS, timeout=timeout)
     return corpus
 
 
