@@ -4,14 +4,14 @@ N stand-in Ollamas, each serving one request at a time at a fixed tokens/s, one 
 per stand-in, and the CPU worker. The demo corpus (demo/) is indexed first; M questions
 from its evaluation set, each searching it in Milvus (BM25) and sent to the model with the
 passages found, whose answer lengths are lognormal (median about one second of
-generation, sigma 1.2) are submitted through the API at once. Printed: makespan,
-efficiency = total generation time / (N x makespan), p50/p95 wait, per-GPU busy share;
-the same job sequence assigned greedily to the first idle GPU with zero overhead (the
-limit, computed here); and the same workload pinned round-robin (question i -> gpu.<i mod N>),
-as a round-robin or random proxy would spread it. Generation time is each answer's as its
-stand-in recorded it (request received to answer written), not the planned length / tps:
-on a busy machine the stand-ins themselves run slower than planned. Last, the evidence that
-every question searched the corpus.
+generation, sigma 1.2), are posted through the API one right after the other. Printed:
+makespan, efficiency = total generation time / (N x makespan), p50/p95 wait, per-GPU busy
+share; the same jobs assigned greedily to the first idle GPU as they arrived, with zero
+overhead (the limit, computed here); and the same workload pinned round-robin (question
+i -> gpu.<i mod N>), as a round-robin or random proxy would spread it. Generation time is
+each answer's as its stand-in recorded it (request received to answer written), not the
+planned length / tps: on a busy machine the stand-ins themselves run slower than planned.
+Last, the evidence that every question searched the corpus.
 
     .venv/bin/python bench/balance.py [--gpus 4] [--questions 200] [--tps 50] [--seed 7]
 """
@@ -19,7 +19,6 @@ every question searched the corpus.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import heapq
 import math
 import random
@@ -42,15 +41,20 @@ def lengths(m: int, median_tokens: int, sigma: float, seed: int) -> list[int]:
     return [max(1, round(rng.lognormvariate(math.log(median_tokens), sigma))) for _ in range(m)]
 
 
-def greedy_makespan(durations: list[float], n: int) -> tuple[float, list[float]]:
-    """First idle GPU takes the next job, in submission order, with zero overhead."""
+def greedy_makespan(
+    durations: list[float], n: int, arrivals: list[float] | None = None
+) -> tuple[float, list[float]]:
+    """First idle GPU takes the next job, in order of arrival, with zero overhead. Jobs
+    arrive at `arrivals` (seconds from the first), all at 0 when not given."""
+    arrivals = arrivals or [0.0] * len(durations)
     free = [(0.0, gpu) for gpu in range(n)]
     heapq.heapify(free)
     waits = []
     end = 0.0
-    for d in durations:
+    for arrived, d in sorted(zip(arrivals, durations, strict=True), key=lambda job: job[0]):
         at, gpu = heapq.heappop(free)
-        waits.append(at)
+        at = max(at, arrived)
+        waits.append(at - arrived)
         end = max(end, at + d)
         heapq.heappush(free, (at + d, gpu))
     return end, waits
@@ -63,33 +67,43 @@ def round_robin_makespan(durations: list[float], n: int) -> float:
     return max(loads)
 
 
-async def submit_all(base: str, token: str, texts: list[str]) -> list[int]:
+def submit_all(base: str, token: str, texts: list[str]) -> list[int]:
+    """Post every question through the API, one right after the other: in the planned
+    order, as the round-robin run creates them. (Posted all at once, they reach the queue
+    in whatever order the web process commits them, and a long answer drawn last can
+    lengthen the makespan by its whole length: that compares orders, not strategies.)"""
     import httpx
 
-    async with httpx.AsyncClient(
+    ids = []
+    with httpx.Client(
         base_url=base, timeout=60, headers={"Authorization": f"Token {token}"}
     ) as client:
-
-        async def one(text: str) -> int:
-            r = await client.post("/api/v1/questions/", json={"text": text, "corpus": "bench"})
+        for text in texts:
+            r = client.post("/api/v1/questions/", json={"text": text, "corpus": "bench"})
             r.raise_for_status()
-            return r.json()["id"]
-
-        return list(await asyncio.gather(*(one(t) for t in texts)))
+            ids.append(r.json()["id"])
+    return ids
 
 
 def recorded_durations(ordered: list, stubs: list) -> list[float]:
     """Each question's model time as its stand-in recorded it, in the order given."""
+
+    def written():
+        chats = [c for stub in stubs for c in stub.calls if c["path"] == "/api/chat"]
+        return chats if all("finished" in c for c in chats) else None
+
     took = {}
-    for stub in stubs:
-        for call in stub.calls:
-            if call["path"] == "/api/chat" and "finished" in call:
-                # The prompt ends with the question (chat.prompts.answer_messages).
-                asked = str(call["body"]["messages"][-1]["content"]).rsplit("Question: ", 1)
-                took[asked[-1]] = call["finished"] - call["time"]
+    chats = wait(written, timeout=30, what="the stand-ins' records")
+    for call in chats:
+        # The prompt ends with the question (chat.prompts.answer_messages).
+        asked = str(call["body"]["messages"][-1]["content"]).rsplit("Question: ", 1)
+        took[asked[-1]] = call["finished"] - call["time"]
     missing = [q.text for q in ordered if q.text not in took]
-    if missing:
-        raise SystemExit(f"{len(missing)} questions have no record at the stand-ins")
+    if missing or len(chats) != len(ordered):
+        raise SystemExit(
+            f"{len(chats)} chat requests at the stand-ins for {len(ordered)} questions, "
+            f"{len(missing)} of which have none"
+        )
     return [took[q.text] for q in ordered]
 
 
@@ -111,6 +125,9 @@ def measure(ids: list[int], n: int, stubs: list) -> dict:
     waits = [(q.started_at - q.created_at).total_seconds() for q in ordered]
     return {
         "durations": durations,
+        # In what order, and when, the system received them: posted at once, they arrive
+        # over a while and not in the order posted.
+        "arrivals": [(q.created_at - start).total_seconds() for q in ordered],
         "makespan": makespan,
         "efficiency": sum(durations) / (n * makespan),
         "wait_p50": percentile(waits, 0.5),
@@ -200,17 +217,18 @@ def main() -> None:
         # worker's first connections.
         finish(pinned([f"{asked[i % len(asked)]} [[tokens=1]]" for i in range(n)]), "warm-up", 300)
 
-        shared = run("shared queue", lambda: asyncio.run(submit_all(base, token, texts)))
+        shared = run("shared queue", lambda: submit_all(base, token, texts))
         robin = run("round robin", lambda: pinned(texts))
 
-        # The limits schedule the very answers each run had, with their recorded times.
-        limit, limit_waits = greedy_makespan(shared["durations"], n)
+        # The limits schedule the very answers each run had, with their recorded times,
+        # as they arrived.
+        limit, limit_waits = greedy_makespan(shared["durations"], n, shared["arrivals"])
         rr_limit = round_robin_makespan(robin["durations"], n)
         limit_eff = sum(shared["durations"]) / (n * limit)
         print(
             f"generation time as the stand-ins recorded it: shared queues "
-            f"{sum(shared['durations']):.1f} s, round robin {sum(robin['durations']):.1f} s "
-            f"(planned {sum(durations):.1f} s)"
+            f"{sum(shared['durations']):.2f} s, round robin {sum(robin['durations']):.2f} s "
+            f"(planned {sum(durations):.2f} s)"
         )
         print()
         print(f"{'':34}{'makespan':>10}{'efficiency':>12}{'wait p50':>10}{'wait p95':>10}")
