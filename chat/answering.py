@@ -12,8 +12,10 @@ import logging
 import re
 import threading
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
@@ -117,7 +119,8 @@ def question_answer(*, question_id: int) -> float:
     try:
         with _Lease(question) as lease:
             _answer(question, corpus, base_url, lease)
-        health.llm_succeeded()
+        with _bookkeeping(question, "its card's health"):
+            health.llm_succeeded()
     except Lost:
         logger.info("question %s: this attempt lost its claim; stopping", question.pk)
     except _DB_AWAY:
@@ -127,7 +130,8 @@ def question_answer(*, question_id: int) -> float:
     except llm.LLMError as exc:
         logger.warning("question %s failed on %s: %s", question.pk, question.gpu, exc)
         if exc.retryable:
-            health.llm_failed(str(exc))
+            with _bookkeeping(question, "its card's failure"):
+                health.llm_failed(str(exc))
         if not (exc.retryable and question.attempts < settings.RMASSIMO_MAX_ATTEMPTS):
             question_fail(question=question, message=str(exc))
         elif not question_retry_elsewhere(question=question, message=str(exc)):
@@ -342,7 +346,8 @@ def _answer(question: Question, corpus: Corpus, base_url: str, lease: _Lease) ->
     stream.flush()
     generation_ms = stats.eval_ms or round((time.monotonic() - generation_started) * 1000, 1)
     # Placement weighs a model swap by what loading this model really costs here.
-    placement.learn_load(chat_model, stats.load_ms / 1000)
+    with _bookkeeping(question, "the model's load time"):
+        placement.learn_load(chat_model, stats.load_ms / 1000)
 
     answer = "".join(parts)
     truncated = stats.done_reason in CUT_SHORT
@@ -415,6 +420,16 @@ def _despite_the_database_away(write, *, question_id: int):
             connections.close_all()  # the broken connection: the next try takes a fresh one
             time.sleep(delay)
             delay = min(2 * delay, 2.0)
+
+
+@contextmanager
+def _bookkeeping(question: Question, what: str):
+    """What the fleet learns from an answer is kept in Redis, which is best effort while
+    an answer streams: with Redis away the answer goes on and is saved whole."""
+    try:
+        yield
+    except redis.RedisError:
+        logger.warning("question %s: could not record %s (Redis away)", question.pk, what)
 
 
 def _vectorstore_call(call):

@@ -7,7 +7,6 @@ import io
 import os
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -203,6 +202,40 @@ def wait_new_child(worker: processes.Worker, old: int, timeout: float = 20) -> i
     return wait_for(fresh, timeout=timeout, what="the pool to start a new process")
 
 
-def settle(seconds: float = 0.3) -> None:
-    """Give a worker a moment in which a wrong extra write would show (not a timing check)."""
-    time.sleep(seconds)
+def consumed(*, sent: int = 0, before: int | None = None, timeout: float = 60) -> None:
+    """Wait until the session worker has consumed every message sent so far, before a test
+    asserts that a message changed nothing: no message waits in a queue it takes, none is
+    delivered and not yet acknowledged (acks are late: a task is acknowledged after it ran;
+    kombu keeps those in the `unacked` hash), and it runs nothing. With `sent`, also wait
+    until its count of jobs done is `sent` past `before` (jobs_done(), read before sending):
+    a message it has taken but not yet recorded as delivered is seen that way."""
+    from workers import health
+
+    if sent:
+        wait_for(
+            lambda: jobs_done() >= before + sent,
+            timeout=timeout,
+            what=f"the worker to run the {sent} message(s) sent",
+        )
+
+    def idle() -> bool:
+        me = _session_worker()
+        pipe = health.client().pipeline()  # one MULTI: a consistent view
+        for queue in me["queues"]:
+            pipe.llen(queue)
+        pipe.hlen("unacked")
+        *depths, unacked = pipe.execute()
+        return not any(depths) and not unacked and _session_worker()["current_job"] is None
+
+    wait_for(idle, timeout=timeout, interval=0.1, what="the worker to consume every message")
+
+
+def jobs_done() -> int:
+    """The session worker's count of tasks run (its heartbeat record)."""
+    return _session_worker()["jobs_done"]
+
+
+def _session_worker() -> dict:
+    from workers import health
+
+    return next(w for w in health.workers() if w["name"] == SESSION_WORKER)

@@ -14,7 +14,7 @@ from core import vectorstore
 from ingestion import reaper, services
 from ingestion.models import Chunk, Document, IngestionJob
 from ingestion.tasks import embed_batch, prepare_jobs
-from tests.ingestion_helpers import long_text, make_pdf, settle, wait_job, wait_jobs
+from tests.ingestion_helpers import consumed, jobs_done, long_text, make_pdf, wait_job, wait_jobs
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -48,7 +48,7 @@ def test_same_bytes_again_make_no_new_vectors(corpus, live):
     live.reset_calls()
     again = services.document_add(corpus=corpus, source="lagoon.txt", data=text.encode())
     assert again.skipped and again.job is None
-    settle()
+    consumed()  # anything it might have sent
     assert vectorstore.count(corpus.pk) == count
     assert IngestionJob.objects.filter(document=document).count() == 1
     assert not [c for c in live.calls if c["path"] == "/api/embed"]
@@ -88,7 +88,7 @@ def test_a_newer_version_supersedes_a_job_in_flight(corpus, live):
     old, new = wait_jobs([old.pk, new.pk])
     assert old.status == "failed" and "Superseded" in old.error
     assert new.status == "done", new.error
-    settle(1.0)  # a batch of the old version still in flight has landed by now
+    consumed()  # a batch of the old version still in flight has landed by now
     document = Document.objects.get(pk=new.document_id)
     assert document.chunk_count == 1
     assert vectorstore.count(corpus.pk, document_id=document.pk) == 1
@@ -118,7 +118,7 @@ def test_delete_while_embedding_leaves_no_vectors(corpus, live):
     document = Document.objects.get(pk=job.document_id)
     services.document_delete(document=document)
     live.configure(embed_latency=0.0)
-    settle(2.0)  # the batch that was embedding finishes and finds its document gone
+    consumed()  # the batch that was embedding finishes and finds its document gone
     assert vectorstore.count(corpus.pk, document_id=document.pk) == 0
 
 
@@ -143,10 +143,11 @@ def test_a_job_run_again_or_redelivered_ends_in_the_same_state(corpus, live):
     rows = list(Chunk.objects.filter(document=document).values_list("pk", "index", "text"))
     live.reset_calls()
 
+    before = jobs_done()
     prepare_jobs.apply_async(args=[[job.pk]])  # a second copy of the message
     embed_batch.apply_async(kwargs={"ranges": [[job.pk, job.run, 0, 32]]})  # redelivered
     embed_batch.apply_async(kwargs={"ranges": [[job.pk, job.run - 1, 32, 64]]})  # older run
-    settle(1.0)
+    consumed(sent=3, before=before)
     job.refresh_from_db()
     assert job.status == "done" and job.attempts == 1 and job.chunks_done == total
     assert list(Chunk.objects.filter(document=document).values_list("pk", "index", "text")) == rows
