@@ -6,15 +6,23 @@ appended (anything before it came from the client and proves nothing).
 
 Wrong API tokens count against the address they came from, over HTTP and the websocket
 alike; past the budget every token from that address is refused until the period ends,
-so guessing cannot go on one answer at a time.
+so guessing cannot go on one answer at a time. The count lives in the cache (Redis): while
+Redis is away it is not kept, and tokens are checked against the database alone, so API
+clients still read their answers (a token is 160 random bits: the budget slows guessing,
+the length is what defeats it).
 """
 
 from __future__ import annotations
 
+import logging
+
+import redis
 from django.conf import settings
 from django.core.cache import cache
 from rest_framework import authentication, exceptions
 from rest_framework.throttling import SimpleRateThrottle
+
+logger = logging.getLogger(__name__)
 
 _BAD_TOKEN_KEY = "bad-token:{}"  # noqa: S105 (a cache key, not a secret)
 
@@ -48,20 +56,28 @@ def _budget() -> tuple[int, int]:
 
 def bad_tokens_blocked(ip: str) -> bool:
     limit, _ = _budget()
-    return (cache.get(_BAD_TOKEN_KEY.format(ip)) or 0) >= limit
+    try:
+        return (cache.get(_BAD_TOKEN_KEY.format(ip)) or 0) >= limit
+    except redis.RedisError:
+        logger.warning("the wrong-token budget is not kept while Redis is away")
+        return False
 
 
 def bad_token_record(ip: str) -> bool:
     """Counts a wrong token from `ip`; True when that spent its budget."""
     limit, period = _budget()
     key = _BAD_TOKEN_KEY.format(ip)
-    # The period starts at the first wrong token; add() does not extend it.
-    cache.add(key, 0, timeout=period)
     try:
-        count = cache.incr(key)
-    except ValueError:  # expired between add() and incr()
-        cache.add(key, 1, timeout=period)
-        count = 1
+        # The period starts at the first wrong token; add() does not extend it.
+        cache.add(key, 0, timeout=period)
+        try:
+            count = cache.incr(key)
+        except ValueError:  # expired between add() and incr()
+            cache.add(key, 1, timeout=period)
+            count = 1
+    except redis.RedisError:
+        logger.warning("the wrong-token budget is not kept while Redis is away")
+        return False
     return count >= limit
 
 
