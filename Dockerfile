@@ -19,8 +19,12 @@ RUN apt-get update \
 
 WORKDIR /build
 COPY requirements/runtime.txt requirements/embedded.txt requirements/
+# llama-index-embeddings-ollama lists pytest-asyncio among its own dependencies, which
+# brings pytest; nothing in the service imports either, and the image carries no test
+# runner (scripts/replay-image.sh replays this line and checks it).
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -r requirements/runtime.txt -r requirements/embedded.txt
+    && /opt/venv/bin/pip install -r requirements/runtime.txt -r requirements/embedded.txt \
+    && /opt/venv/bin/pip uninstall -y pytest-asyncio pytest iniconfig
 
 
 FROM python:3.11-slim
