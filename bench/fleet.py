@@ -140,6 +140,9 @@ def run_policy(stack, scenario, policy: str, plan: list, args) -> dict:
         "RMASSIMO_PLACEMENT_LOAD_S": str(10 * scale),
         "RMASSIMO_PLACEMENT_SERVICE_S": str(5 * scale),
         "RMASSIMO_HEARTBEAT_S": "1",
+        # Production's wait for Ollama (120 s), in simulated time: the test settings' 10 s
+        # would cut off the first answer of a 40 s model load.
+        "RMASSIMO_OLLAMA_TIMEOUT": str(120 * scale),
         "RMASSIMO_LLM_BACKEND": "ollama",
     }
     stubs, workers = [], []

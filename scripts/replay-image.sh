@@ -71,7 +71,10 @@ as_user "${prod[@]}" python manage.py migrate --noinput -v 0
 
 echo "--- run_web serves the login page, as uid 1000"
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-as_user "${prod[@]}" python manage.py run_web --processes 2 --port "$port" > "$work/web.log" 2>&1 &
+# Not through as_user: a function run in the background is a shell of its own, and $! would
+# be that shell, not run_web (which then outlives the kill below).
+(cd "$work/app" && exec setpriv --reuid=1000 --regid=1000 --clear-groups "${prod[@]}" \
+  python manage.py run_web --processes 2 --port "$port") > "$work/web.log" 2>&1 &
 web=$!
 code=000
 for _ in $(seq 60); do
