@@ -190,6 +190,22 @@ class FaultStack:
             stub.stop()
 
 
+# The corpus every fault test indexes (a folder of it: `corpus_dir`).
+DOCS = {
+    "vesuvius.txt": "Vesuvius buried Pompeii and Herculaneum in 79 AD under ash and pumice.",
+    "etna.txt": "Etna is the tallest active volcano in Europe, on the island of Sicily.",
+}
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name, text in DOCS.items():
+        (folder / name).write_text(text)
+    return folder
+
+
 @pytest.fixture
 def fault_stack(milvus, var_dir, transactional_db, django_user_model, tmp_path):
     log_dir = tmp_path / "logs"

@@ -14,20 +14,7 @@ from tests.processes import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
-DOCS = {
-    "vesuvius.txt": "Vesuvius buried Pompeii and Herculaneum in 79 AD under ash and pumice.",
-    "etna.txt": "Etna is the tallest active volcano in Europe, on the island of Sicily.",
-}
 FINAL = ("done", "failed", "cancelled")
-
-
-@pytest.fixture
-def corpus_dir(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for name, text in DOCS.items():
-        (folder / name).write_text(text)
-    return folder
 
 
 def final(stack, pk, timeout=60):

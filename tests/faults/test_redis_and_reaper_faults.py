@@ -13,20 +13,11 @@ from django.conf import settings
 from django.utils import timezone
 
 from chat.models import Question
-from tests.faults.test_faults import DOCS, FINAL, final
+from tests.faults.test_faults import FINAL, final
 from tests.ollama_stub import TOKENS_DIRECTIVE
 from tests.processes import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-@pytest.fixture
-def corpus_dir(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for name, text in DOCS.items():
-        (folder / name).write_text(text)
-    return folder
 
 
 def generations(stubs, text: str) -> list[dict]:

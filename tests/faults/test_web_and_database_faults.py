@@ -25,19 +25,10 @@ from websockets.asyncio.client import connect as ws_connect
 
 from tests import processes
 from tests.faults.conftest import FaultStack, RedisServer
-from tests.faults.test_faults import DOCS, FINAL, echoed_tokens, final
+from tests.faults.test_faults import FINAL, echoed_tokens, final
 from tests.processes import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-@pytest.fixture
-def corpus_dir(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for name, text in DOCS.items():
-        (folder / name).write_text(text)
-    return folder
 
 
 # --- daphne restarted mid-answer -----------------------------------------------------------
